@@ -1,0 +1,122 @@
+"""`lamina` command line: train, probe, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline.config import ENGINES, PLACEMENTS, TrainConfig
+from workers.objectives import OBJECTIVES
+
+D = TrainConfig()
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (got {s!r})") from None
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (got {s!r})") from None
+
+
+def _head(s: str) -> tuple[int, int] | None:
+    if s == "none":
+        return None
+    sizes = _ints(s)
+    if len(sizes) != 2:
+        raise argparse.ArgumentTypeError(f"expected HIDDEN,OUT or none (got {s!r})")
+    return (sizes[0], sizes[1])
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a network layer-locally from video")
+    p.add_argument("--data", default=D.data, help="synthetic[:OPTS] | moving-mnist:PATH | npz:PATH")
+    p.add_argument("--objective", default=D.objective, choices=sorted(OBJECTIVES))
+    p.add_argument("--engine", default=D.engine, choices=ENGINES)
+    p.add_argument("--steps", type=int, default=D.steps, help="micro-batches to train on")
+    p.add_argument("--layers", default=D.layers, help="network, e.g. conv:32,conv:64,conv:128,mlp:256")
+    p.add_argument("--deltas", type=_floats, default=(), help="per-layer tolerance (default: 0.5 .. 0.1)")
+    p.add_argument("--clips", type=int, default=D.clips, help="B: clips per micro-batch")
+    p.add_argument("--clip-len", type=int, default=D.clip_len, help="T: consecutive frames per clip")
+    p.add_argument("--size", type=int, default=D.size, help="frames are resized to SIZE x SIZE")
+    p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--head", type=_head, default=D.head, help="projection head HIDDEN,OUT or none")
+    p.add_argument("--loss-grid", type=int, default=D.loss_grid, help="pooling grid before the loss")
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--run-dir", default="", help="output directory (default runs/<time>)")
+    p.add_argument("--layers-per-stage", type=int, default=D.layers_per_stage)
+    p.add_argument("--queue-depth", type=int, default=D.queue_depth)
+    p.add_argument("--placement", default=D.placement, choices=PLACEMENTS)
+    p.add_argument("--cpus-per-stage", type=float, default=D.cpus_per_stage)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="linear and 1-NN probes per layer, next to random init")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--data", default=None, help="data spec (default: the run's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--probe-views", type=_ints, default=None, help="labelled frame indices, e.g. 0,18,36,54")
+    g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="plot a run's per-layer loss and spread to RUN_DIR/loss.png")
+    p.add_argument("--run-dir", required=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lamina", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    _add_train(sub)
+    _add_probe(sub)
+    _add_report(sub)
+    args = parser.parse_args(["train"] if argv is None and len(sys.argv) == 1 else argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(args, parser)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lamina {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "train":
+        from pipeline.train import train
+
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+        run_dir = train(TrainConfig(**fields))
+        print(f"run directory: {run_dir}")
+        print(f"next: lamina probe --run-dir {run_dir}")
+        return 0
+    if args.command == "probe":
+        from pipeline.probe import format_table, probe
+
+        fraction = args.probe_fraction
+        if args.probe_views is None and fraction is None:
+            fraction = 0.5
+        report = probe(args.run_dir, args.data, args.probe_views, fraction)
+        print(format_table(report))
+        print(f"wrote {args.run_dir}/probe.json")
+        return 0
+    if args.command == "report":
+        from pipeline.rundir import RunDir
+
+        print(f"wrote {RunDir(args.run_dir).plot_losses()}")
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The run configuration: one frozen dataclass shared by the CLI, the run directory and the engines.
+
+Validation happens in `__post_init__`, and every error names the command-line flag it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from workers.layers import parse_blocks
+from workers.learner import LearnerSpec
+from workers.objectives import OBJECTIVES
+
+ENGINES = ("sequential", "e2e")
+PLACEMENTS = ("pack", "spread")
+
+
+def default_deltas(n: int) -> tuple[float, ...]:
+    """The seed's schedule, larger tolerance for earlier layers: 0.5 at the bottom down to 0.1 at the top."""
+    if n == 1:
+        return (0.1,)
+    return tuple(round(0.5 - 0.4 * k / (n - 1), 4) for k in range(n))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "synthetic"  # data spec: synthetic[:OPTIONS] | moving-mnist:PATH | npz:PATH
+    objective: str = "nce"  # local objective, a name in workers.objectives.OBJECTIVES
+    engine: str = "sequential"  # sequential (layer-local loop) | e2e (backprop baseline)
+    steps: int = 400  # micro-batches to train on
+    layers: str = "conv:32,conv:64,conv:128"  # the network, bottom to top
+    deltas: tuple[float, ...] = ()  # per-layer tolerance delta_k; empty: default_deltas (decreasing)
+    clips: int = 16  # B: clips per micro-batch (distinct sequences where possible)
+    clip_len: int = 8  # T: consecutive frames per clip
+    size: int = 32  # frames are resized to size x size
+    lr: float = 1e-3  # Adam learning rate of every layer
+    head: tuple[int, int] | None = (256, 64)  # per-layer projection head (hidden, out); None: loss on y
+    loss_grid: int = 1  # pool conv maps to grid x grid before the head and loss (1 = global)
+    seed: int = 0  # initialisation and data order
+    run_dir: str = ""  # where config, metrics and checkpoint go; empty: runs/<time>
+    # The pipeline engine (used from the next engine on):
+    layers_per_stage: int = 1  # consecutive layers per stage actor
+    queue_depth: int = 2  # bounded channel depth between stages
+    placement: str = "pack"  # placement-group strategy: pack | spread
+    cpus_per_stage: float = 1.0  # CPUs reserved per stage actor
+    address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS or a new local Ray
+    n_layers: int = field(init=False)  # derived from `layers`
+
+    def __post_init__(self) -> None:
+        blocks = parse_blocks(self.layers)
+        object.__setattr__(self, "n_layers", len(blocks))
+        if not self.deltas:
+            object.__setattr__(self, "deltas", default_deltas(len(blocks)))
+        checks = [
+            (self.objective in OBJECTIVES, f"--objective must be one of {sorted(OBJECTIVES)}", self.objective),
+            (self.engine in ENGINES, f"--engine must be one of {list(ENGINES)}", self.engine),
+            (self.steps >= 1, "--steps must be >= 1", self.steps),
+            (len(self.deltas) == len(blocks), f"--deltas needs one value per layer ({len(blocks)})", self.deltas),
+            (all(d >= 0 for d in self.deltas), "--deltas must be >= 0", self.deltas),
+            (self.clips >= 2, "--clips must be >= 2", self.clips),
+            (self.clip_len >= 2, "--clip-len must be >= 2", self.clip_len),
+            (self.size >= 4, "--size must be >= 4", self.size),
+            (self.lr > 0, "--lr must be > 0", self.lr),
+            (self.head is None or min(self.head) >= 1, "--head sizes must be >= 1", self.head),
+            (self.loss_grid >= 1, "--loss-grid must be >= 1", self.loss_grid),
+            (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),
+            (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
+            (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
+            (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {value!r})")
+
+    def learner_spec(self, in_shape: tuple[int, int, int]) -> LearnerSpec:
+        return LearnerSpec(parse_blocks(self.layers), in_shape, self.objective, self.deltas, self.lr,
+                           self.head, self.loss_grid, self.seed)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("n_layers")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d.pop("n_layers", None)
+        d["deltas"] = tuple(d.get("deltas", ()))
+        if d.get("head") is not None:
+            d["head"] = tuple(d["head"])
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,60 @@
+"""npz archives: sequence archives (`frames`) and turntable archives (`images`)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from pipeline.data.videos import DataError, Videos, from_uint8
+
+
+def npz_videos(path: str, size: int) -> Videos:
+    """Read a sequence archive or a turntable archive; every problem raises DataError naming the file.
+
+    sequence archive:  frames (N_seq, T, H, W[, C]) uint8, labels (N_seq,) or (N_seq, T)
+    turntable archive: images (O, V, H, W[, C]) uint8, labels (O, V); view V-1 neighbours view 0
+    """
+    if not path:
+        raise DataError("npz: no path given (use npz:PATH)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz archive ({e})") from None
+    with archive:
+        keys = set(archive.files)
+        if "frames" in keys:
+            key, wrap = "frames", False
+        elif "images" in keys:
+            key, wrap = "images", True
+        else:
+            raise DataError(f"{path}: expected an array named 'frames' (sequences) or 'images' (turntable), "
+                            f"found {sorted(keys)}")
+        if "labels" not in keys:
+            raise DataError(f"{path}: missing the array 'labels' (found {sorted(keys)})")
+        frames, labels = archive[key], archive["labels"]
+    if frames.ndim not in (4, 5):
+        raise DataError(f"{path}: '{key}' must have rank 4 (N, T, H, W) or 5 (N, T, H, W, C), "
+                        f"got shape {frames.shape}")
+    if frames.ndim == 5 and frames.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: '{key}' has {frames.shape[-1]} channels in its last axis; expected 1 or 3")
+    if frames.dtype != np.uint8:
+        raise DataError(f"{path}: '{key}' must be uint8 (got {frames.dtype})")
+    n, length = frames.shape[:2]
+    if n < 1:
+        raise DataError(f"{path}: '{key}' holds no sequences")
+    if length < 2:
+        raise DataError(f"{path}: sequences must have at least 2 frames (got {length})")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' must be integers (got {labels.dtype})")
+    if labels.shape == (n,):
+        labels = np.repeat(labels[:, None], length, axis=1)
+    if labels.shape != (n, length):
+        raise DataError(f"{path}: 'labels' has shape {labels.shape}; expected ({n},) or ({n}, {length}) "
+                        f"to match '{key}' {frames.shape}")
+    if (labels < 0).any():
+        raise DataError(f"{path}: 'labels' must be >= 0 (min {labels.min()})")
+    return from_uint8(path, frames, labels.astype(np.int64), wrap, size)

@@ -1,0 +1,67 @@
+"""The clip sampler: micro-batch m is a pure function of (seed, m), so any position replays exactly.
+
+Recovery relies on this: a source restarted at micro-batch m+1 yields exactly what an uninterrupted
+source would have yielded there, with no state to save but the number m.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.data.videos import Videos
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """B clips x T consecutive frames: the unit of work that travels through the pipeline."""
+
+    index: int  # micro-batch number m
+    frames: Tensor  # (B, T, C, H, W) float32
+    sequences: tuple[int, ...]  # which sequence each clip was cut from
+    starts: tuple[int, ...]  # first frame index of each clip
+    labels: Tensor  # (B, T) int64, evaluation only
+
+
+class ClipSampler:
+    """Cuts micro-batches of `clips` clips of `clip_len` consecutive frames from `videos`.
+
+    The clips of one micro-batch come from distinct sequences whenever there are enough: negatives
+    drawn from the same sequence as the anchor poison contrastive objectives.
+    """
+
+    def __init__(self, videos: Videos, clips: int, clip_len: int, seed: int) -> None:
+        length = videos.frames.shape[1]
+        if clips < 2:
+            raise ValueError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
+        if clip_len < 2:
+            raise ValueError(f"--clip-len must be >= 2: positives are consecutive frames (got {clip_len})")
+        if clip_len > length:
+            raise ValueError(f"--clip-len {clip_len} is longer than the sequences of {videos.name} "
+                             f"({length} frames)")
+        self.videos, self.clips, self.clip_len, self.seed = videos, clips, clip_len, seed
+
+    def batch(self, m: int) -> MicroBatch:
+        if m < 0:
+            raise ValueError(f"micro-batch index must be >= 0 (got {m})")
+        rng = np.random.default_rng([self.seed, m])
+        n, length = self.videos.frames.shape[:2]
+        seqs = rng.choice(n, size=self.clips, replace=n < self.clips)
+        last_start = length if self.videos.wrap else length - self.clip_len + 1
+        starts = rng.integers(0, last_start, size=self.clips)
+        idx = (starts[:, None] + np.arange(self.clip_len)[None, :]) % length
+        s = torch.from_numpy(seqs)[:, None]
+        i = torch.from_numpy(idx)
+        return MicroBatch(m, self.videos.frames[s, i].contiguous(), tuple(int(q) for q in seqs),
+                          tuple(int(q) for q in starts), self.videos.labels[s, i])
+
+    def stream(self, start: int = 0, stop: int | None = None) -> Iterator[MicroBatch]:
+        """Micro-batches start, start+1, ... (up to stop, exclusive, or forever)."""
+        m = start
+        while stop is None or m < stop:
+            yield self.batch(m)
+            m += 1

@@ -1,0 +1,71 @@
+"""Videos in memory and the data-spec dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source and the problem."""
+
+
+@dataclass(frozen=True)
+class Videos:
+    """N sequences of L frames, resized and scaled to [0, 1]."""
+
+    frames: Tensor  # (N, L, C, H, W) float32 in [0, 1]
+    labels: Tensor  # (N, L) int64, used for evaluation only
+    wrap: bool  # True for turntables: frame L-1 neighbours frame 0
+    name: str  # where they came from, for messages and run records
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.frames.shape[2:]
+        return (int(c), int(h), int(w))
+
+
+def from_uint8(name: str, frames: np.ndarray, labels: np.ndarray, wrap: bool, size: int) -> Videos:
+    """(N, L, H, W[, C]) uint8 frames and (N, L) labels -> Videos with frames resized to size x size."""
+    if frames.ndim == 4:
+        frames = frames[..., None]
+    n, length, h, w, c = frames.shape
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 1, 4, 2, 3).reshape(n * length, c, h, w)
+    x = x.float().div_(255.0)
+    if (h, w) != (size, size):
+        # Area interpolation averages pixels when shrinking, so small frames keep their content.
+        x = F.interpolate(x, size=(size, size), mode="area" if min(h, w) >= size else "bilinear",
+                          align_corners=None if min(h, w) >= size else False)
+    if not torch.isfinite(x).all():
+        raise DataError(f"{name}: frames contain NaN or inf after conversion")
+    return Videos(x.reshape(n, length, c, size, size).contiguous(), torch.from_numpy(labels).long(), wrap, name)
+
+
+def load_videos(spec: str, size: int = 32, split: str = "train") -> Videos:
+    """Load the videos a data spec names. `split` is "train" (learning) or "probe" (evaluation sequences).
+
+    npz archives are used whole for both splits (the probe picks its labelled frames inside them);
+    generated sources draw the probe's sequences from held-out material (other digits, another seed).
+    """
+    if size < 4:
+        raise ValueError(f"--size must be >= 4 (got {size})")
+    if split not in ("train", "probe"):
+        raise ValueError(f"split must be 'train' or 'probe' (got {split!r})")
+    kind, _, arg = spec.partition(":")
+    if kind == "synthetic":
+        from pipeline.data.synthetic import synthetic_videos
+
+        return synthetic_videos(arg, size, split)
+    if kind == "moving-mnist":
+        from pipeline.data.moving_mnist import moving_mnist_videos
+
+        return moving_mnist_videos(arg, size, split)
+    if kind == "npz":
+        from pipeline.data.npz import npz_videos
+
+        return npz_videos(arg, size)
+    raise ValueError(f"--data must be synthetic[:OPTIONS], moving-mnist:PATH or npz:PATH (got {spec!r})")

@@ -1,0 +1,161 @@
+"""Honest evaluation: linear probe and 1-nearest-neighbour on frozen features, next to random init.
+
+For every layer, features are the layer's (normalised) output average-pooled to 2x2 (the reference
+protocol). A probe fits on a labelled split and is tested on the rest:
+  --probe-views 0,18,36,54   label those frame indices of every sequence (the 4-view turntable protocol)
+  --probe-fraction 0.5       label every frame of that fraction of the sequences, test on the others
+The same network at its random initialisation (the learners rebuilt from the run's seed, never trained)
+is always probed alongside: a learned layer is only worth having above its random-init twin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.data import Videos, load_videos
+from pipeline.rundir import RunDir
+from pipeline.config import TrainConfig
+from workers.layers import pool_features
+from workers.learner import LocalLearner
+
+logger = logging.getLogger(__name__)
+
+PROBE_GRID = 2  # features are average-pooled to 2x2 per channel
+
+
+@dataclass(frozen=True)
+class Split:
+    train: Tensor  # (N, L) bool: labelled frames
+    test: Tensor  # (N, L) bool: frames the probe is scored on
+    name: str  # how it was made, for the record
+
+
+def make_split(videos: Videos, views: tuple[int, ...] | None, fraction: float | None, seed: int = 0) -> Split:
+    n, length = videos.labels.shape
+    if (views is None) == (fraction is None):
+        raise ValueError("give exactly one of --probe-views and --probe-fraction")
+    train = torch.zeros(n, length, dtype=torch.bool)
+    if views is not None:
+        bad = [v for v in views if not 0 <= v < length]
+        if bad or not views:
+            raise ValueError(f"--probe-views must be frame indices in [0, {length}) (got {list(views)})")
+        train[:, list(views)] = True
+        name = f"views {','.join(map(str, views))}"
+    else:
+        assert fraction is not None
+        if not 0 < fraction < 1:
+            raise ValueError(f"--probe-fraction must be in (0, 1) (got {fraction})")
+        k = max(1, min(n - 1, round(fraction * n)))
+        if n < 2:
+            raise ValueError(f"--probe-fraction needs at least 2 sequences ({videos.name} has {n})")
+        chosen = torch.from_numpy(np.random.default_rng(seed).permutation(n)[:k])
+        train[chosen] = True
+        name = f"fraction {fraction} of sequences ({k}/{n})"
+    return Split(train, ~train, name)
+
+
+def build_learners(ckpt: dict, trained: bool) -> list[LocalLearner]:
+    """The run's learners, with the checkpoint's weights (trained) or as initialised (random twin)."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    spec = cfg.learner_spec(tuple(ckpt["in_shape"]))
+    learners = []
+    for state in ckpt["learners"]:
+        learner = LocalLearner(spec, state["first"], state["last"])
+        if trained:
+            learner.load_state_dict(state)
+        learners.append(learner)
+    return learners
+
+
+@torch.no_grad()
+def layer_features(learners: list[LocalLearner], frames: Tensor, chunk: int = 512) -> list[Tensor]:
+    """Per layer, pooled features of frames (M, C, H, W) -> list of (M, F)."""
+    per_layer: list[list[Tensor]] = []
+    for i in range(0, frames.shape[0], chunk):
+        x = frames[i:i + chunk]
+        outs: list[Tensor] = []
+        for learner in learners:
+            ys = learner.forward(x)
+            outs += ys
+            x = ys[-1]
+        if not per_layer:
+            per_layer = [[] for _ in outs]
+        for k, y in enumerate(outs):
+            per_layer[k].append(pool_features(y, PROBE_GRID))
+    return [torch.cat(parts) for parts in per_layer]
+
+
+def linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, iters: int = 200) -> float:
+    """Multinomial logistic regression on standardised features, L2 as in C=1, fitted with L-BFGS."""
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    xtr, xte = (x_train - mean) / std, (x_test - mean) / std
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    w = torch.zeros(xtr.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, line_search_fn="strong_wolfe")
+    lam = 1.0 / (2 * xtr.shape[0])
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, y_train) + lam * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((xte @ w + b).argmax(1) == y_test).float().mean())
+
+
+def knn_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) -> float:
+    """1-nearest neighbour by cosine similarity."""
+    a, b = F.normalize(x_train, dim=1), F.normalize(x_test, dim=1)
+    nearest = (b @ a.T).argmax(1)
+    return float((y_train[nearest] == y_test).float().mean())
+
+
+def probe(run_dir: str | Path, data: str | None = None, views: tuple[int, ...] | None = None,
+          fraction: float | None = None) -> dict:
+    """Probe every layer of a finished run and of its random-init twin; writes RUN_DIR/probe.json."""
+    run = RunDir(run_dir)
+    ckpt = run.load_checkpoint()
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    videos = load_videos(data or cfg.data, cfg.size, "probe")
+    if videos.frame_shape != tuple(ckpt["in_shape"]):
+        raise ValueError(f"{videos.name}: frames {videos.frame_shape} do not match the run's "
+                         f"{tuple(ckpt['in_shape'])}")
+    split = make_split(videos, views, fraction, cfg.seed)
+    frames = videos.frames.flatten(0, 1)
+    labels = videos.labels.flatten()
+    tr, te = split.train.flatten(), split.test.flatten()
+    results: dict[str, list[float]] = {}
+    for name, trained in (("", True), ("_random", False)):
+        feats = layer_features(build_learners(ckpt, trained), frames)
+        results["linear" + name] = [linear_probe(f[tr], labels[tr], f[te], labels[te]) for f in feats]
+        results["knn" + name] = [knn_probe(f[tr], labels[tr], f[te], labels[te]) for f in feats]
+    layers = [{"layer": k + 1, **{key: vals[k] for key, vals in results.items()}}
+              for k in range(len(results["linear"]))]
+    report = {"data": videos.name, "split": split.name, "train_frames": int(tr.sum()),
+              "test_frames": int(te.sum()), "objective": cfg.objective, "engine": cfg.engine,
+              "steps": cfg.steps, "layers": layers}
+    (run.path / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"probe on {report['data']} ({report['split']}; {report['train_frames']} labelled, "
+             f"{report['test_frames']} test frames) — {report['objective']}, {report['engine']}",
+             f"{'layer':>5} | {'linear':>7} {'random':>7} {'gain':>6} | {'1-NN':>7} {'random':>7} {'gain':>6}"]
+    for r in report["layers"]:
+        lines.append(f"{r['layer']:>5} | {100 * r['linear']:6.1f}% {100 * r['linear_random']:6.1f}% "
+                     f"{100 * (r['linear'] - r['linear_random']):+6.1f} | {100 * r['knn']:6.1f}% "
+                     f"{100 * r['knn_random']:6.1f}% {100 * (r['knn'] - r['knn_random']):+6.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Layers of a lamina network: pure torch, no Ray, no IO.
+
+A network is a list of blocks. Every block maps a batch of frames (N, C, H, W) or vectors (N, D) to the
+next representation; between blocks the output is length-normalised (see `normalise`). The spec string
+`conv:32,conv:64,conv:128,mlp:256` builds three conv blocks and one MLP block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv -> ReLU -> 2x2 average pool: halves the frame, the usual greedy-layer building block."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(torch.relu(self.conv(x)))
+
+
+class MLPBlock(nn.Module):
+    """Flatten -> linear -> ReLU, for the top of a stack."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.linear(x.flatten(1)))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str  # "conv" or "mlp"
+    width: int  # output channels (conv) or features (mlp)
+
+
+def parse_blocks(spec: str) -> tuple[BlockSpec, ...]:
+    """`"conv:32,conv:64"` -> BlockSpecs. Raises ValueError naming the bad item."""
+    blocks = []
+    for item in spec.split(","):
+        kind, _, width = item.strip().partition(":")
+        if kind not in ("conv", "mlp") or not width.isdigit() or int(width) < 1:
+            raise ValueError(f"--layers: expected items like conv:32 or mlp:256 (got {item!r} in {spec!r})")
+        blocks.append(BlockSpec(kind, int(width)))
+    seen_mlp = False
+    for b in blocks:
+        if b.kind == "conv" and seen_mlp:
+            raise ValueError(f"--layers: a conv block cannot follow an mlp block (got {spec!r})")
+        seen_mlp |= b.kind == "mlp"
+    return tuple(blocks)
+
+
+def build_blocks(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) -> list[nn.Module]:
+    """Instantiate the blocks for frames of shape (C, H, W); the caller seeds torch beforehand."""
+    c, h, w = in_shape
+    blocks: list[nn.Module] = []
+    for spec in specs:
+        if spec.kind == "conv":
+            if h < 2 or w < 2:
+                raise ValueError(f"--layers: too many conv blocks for {in_shape[1]}x{in_shape[2]} frames")
+            blocks.append(ConvBlock(c, spec.width))
+            c, h, w = spec.width, h // 2, w // 2
+        else:
+            blocks.append(MLPBlock(c * h * w, spec.width))
+            c, h, w = spec.width, 1, 1
+    return blocks
+
+
+def output_shapes(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) -> list[tuple[int, ...]]:
+    """Per block, the shape of one frame's output: (C, H, W) for conv, (D,) for mlp."""
+    c, h, w = in_shape
+    shapes: list[tuple[int, ...]] = []
+    for spec in specs:
+        if spec.kind == "conv":
+            c, h, w = spec.width, h // 2, w // 2
+            shapes.append((c, h, w))
+        else:
+            c, h, w = spec.width, 1, 1
+            shapes.append((c,))
+    return shapes
+
+
+def normalise(y: Tensor, eps: float = 1e-6) -> Tensor:
+    """Scale each sample to unit root-mean-square (length sqrt(numel) per sample).
+
+    As in Forward-Forward: the next layer sees the *direction* of this layer's activity, not its length,
+    so it cannot read off this layer's own objective. Unit RMS (rather than unit length) keeps the scale of
+    the next layer's input independent of its size.
+    """
+    flat = y.flatten(1)
+    rms = flat.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()
+    return (flat / rms).view_as(y)
+
+
+def pool_features(y: Tensor, grid: int) -> Tensor:
+    """Average-pool conv maps (N, C, H, W) to a grid x grid map and flatten; vectors pass unchanged.
+
+    grid=1 is global average pooling (what the local losses use by default), grid=2 is what the probe
+    reads (the 2x2 average-pooled features of the reference protocol).
+    """
+    if y.dim() == 4:
+        return nn.functional.adaptive_avg_pool2d(y, grid).flatten(1)
+    return y
+
+
+class Head(nn.Module):
+    """A small projection head trained with its layer and never passed on (Decoupled Greedy Learning).
+
+    pool -> Linear(hidden) -> ReLU -> Linear(out). Costs two small matmuls per step.
+    """
+
+    def __init__(self, in_features: int, hidden: int, out: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def pooled_size(shape: tuple[int, ...], grid: int) -> int:
+    return shape[0] * grid * grid if len(shape) == 3 else shape[0]
+

@@ -1,0 +1,163 @@
+"""Where a layer learns: the stage step, the only place in lamina that calls `backward()`.
+
+A `LocalLearner` owns one or more consecutive blocks, an optional projection head, a local objective and
+its own optimizer. Its `step` is the whole of layer-local learning:
+
+    x (detached, from the layer below)
+      -> forward the blocks -> y                      one forward, reused for learning and for emitting
+      -> pool -> head -> e (B, T, D) -> objective -> loss
+      -> backward -> optimizer step                   gradients stay inside this learner
+      -> emit normalise(y).detach()                   [Note: the detach boundary]
+
+[Note: the detach boundary] The emitted tensor is cut from this learner's graph, so the next learner's
+loss can never reach these parameters: no gradient crosses a layer. It is also the output of the same
+forward the learner just learned from (computed with the weights *before* the step), which is what makes
+a pipelined run perform exactly the computations of the sequential loop (see pipeline/engines.py).
+
+The end-to-end baseline is the same class holding *all* blocks: gradients then flow through every block,
+and the objective sits on the top one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from workers.layers import BlockSpec, Head, build_blocks, normalise, output_shapes, pool_features, pooled_size
+from workers.objectives import get_objective
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What every learner of a network shares; built from the run config by the driver."""
+
+    blocks: tuple[BlockSpec, ...]  # the whole network, bottom to top
+    in_shape: tuple[int, int, int]  # one frame: (C, H, W)
+    objective: str  # name in workers.objectives.OBJECTIVES
+    deltas: tuple[float, ...]  # per block tolerance delta_k
+    lr: float  # Adam learning rate of every learner
+    head: tuple[int, int] | None  # (hidden, out) of the per-layer projection head, or None: loss on pooled y
+    loss_grid: int  # pool conv maps to loss_grid x loss_grid before the head / loss
+    seed: int  # initialisation seed; block k is initialised from (seed, k) wherever it is built
+
+
+class LocalLearner:
+    """Blocks `first..last-1` of the network with their own head, objective and optimizer."""
+
+    def __init__(self, spec: LearnerSpec, first: int, last: int, device: str | torch.device = "cpu") -> None:
+        if not 0 <= first < last <= len(spec.blocks):
+            raise ValueError(f"learner block range [{first}, {last}) outside the {len(spec.blocks)} blocks")
+        self.spec, self.first, self.last = spec, first, last
+        self.device = torch.device(device)
+        self.objective = get_objective(spec.objective)
+        self.delta = spec.deltas[last - 1]
+        shapes = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)]
+        self.blocks = nn.ModuleList()
+        for k in range(first, last):
+            # Seeding per block keeps the init independent of how blocks are grouped into stages.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed * 1009 + k)
+                in_shape = shapes[k] if len(shapes[k]) == 3 else (shapes[k][0], 1, 1)
+                self.blocks.append(build_blocks((spec.blocks[k],), in_shape)[0])
+        feat = pooled_size(shapes[last], spec.loss_grid)
+        self.head: nn.Module | None = None
+        if spec.head is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed * 1009 + 500 + last - 1)
+                self.head = Head(feat, *spec.head)
+        self.blocks.to(self.device)
+        params = list(self.blocks.parameters())
+        if self.head is not None:
+            self.head.to(self.device)
+            params += list(self.head.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=spec.lr)
+        self.steps = 0  # optimizer steps taken
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Outputs of every block for frames (N, ...), each normalised as the next block will see it."""
+        outs = []
+        for block in self.blocks:
+            x = normalise(block(x))
+            outs.append(x)
+        return outs
+
+    def step(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Learn from one micro-batch x (B, T, ...) and emit this learner's output (B, T, ...)."""
+        assert not x.requires_grad, "a learner's input must arrive detached"
+        b, t = x.shape[:2]
+        y = self._top(x.flatten(0, 1))
+        e = pool_features(y, self.spec.loss_grid)
+        if self.head is not None:
+            e = self.head(e)
+        result = self.objective(e.view(b, t, -1), self.delta)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        out = normalise(y).detach()  # [Note: the detach boundary]
+        return out.view(b, t, *out.shape[1:]), result.metrics()
+
+    def _top(self, x: Tensor) -> Tensor:
+        """Forward all blocks; intermediate outputs normalised, the top one raw (normalised on emit)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x if i == 0 else normalise(x))
+        return x
+
+    def modules(self) -> nn.ModuleDict:
+        """Everything with parameters, for checkpoints and probes."""
+        mods = nn.ModuleDict({"blocks": self.blocks})
+        if self.head is not None:
+            mods["head"] = self.head
+        return mods
+
+    def state_dict(self) -> dict:
+        return {"modules": self.modules().state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps": self.steps, "first": self.first, "last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["first"], state["last"]) != (self.first, self.last):
+            raise ValueError(f"checkpoint holds blocks [{state['first']}, {state['last']}), "
+                             f"this learner [{self.first}, {self.last})")
+        self.modules().load_state_dict(state["modules"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = state["steps"]
+
+
+def stage_ranges(n_blocks: int, per_stage: int) -> list[tuple[int, int]]:
+    """Consecutive block ranges of at most `per_stage` learners' worth of blocks, bottom to top."""
+    if per_stage < 1:
+        raise ValueError(f"--layers-per-stage must be >= 1 (got {per_stage})")
+    return [(k, min(k + per_stage, n_blocks)) for k in range(0, n_blocks, per_stage)]
+
+
+class Stage:
+    """Learners run one after the other in one process: the whole sequential loop, one pipeline stage
+    holding several consecutive layers (when layers outnumber devices), or the end-to-end baseline (one
+    learner holding every block). Each learner keeps its own loss and optimizer.
+    """
+
+    def __init__(self, learners: list[LocalLearner]) -> None:
+        if not learners:
+            raise ValueError("a stage needs at least one learner")
+        self.learners = learners
+
+    @classmethod
+    def layer_local(cls, spec: LearnerSpec, first: int, last: int, device: str | torch.device = "cpu") -> Stage:
+        """One single-block learner per block in [first, last)."""
+        return cls([LocalLearner(spec, k, k + 1, device) for k in range(first, last)])
+
+    def step(self, x: Tensor) -> tuple[Tensor, list[dict[str, float]]]:
+        metrics = []
+        for learner in self.learners:
+            x, m = learner.step(x)
+            metrics.append(m)
+        return x, metrics
+
+    def state_dict(self) -> dict:
+        return {"learners": [lrn.state_dict() for lrn in self.learners]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for learner, s in zip(self.learners, state["learners"], strict=True):
+            learner.load_state_dict(s)
