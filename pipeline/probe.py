@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import TrainConfig
 from pipeline.data import Videos, load_videos
 from pipeline.rundir import RunDir
-from pipeline.config import TrainConfig
 from workers.layers import pool_features
 from workers.learner import LocalLearner
 
@@ -151,8 +151,8 @@ def probe(run_dir: str | Path, data: str | None = None, views: tuple[int, ...] |
 
 
 def format_table(report: dict) -> str:
-    lines = [f"probe on {report['data']} ({report['split']}; {report['train_frames']} labelled, "
-             f"{report['test_frames']} test frames) — {report['objective']}, {report['engine']}",
+    lines = [(f"probe on {report['data']} ({report['split']}; {report['train_frames']} labelled, "
+             f"{report['test_frames']} test frames) — {report['objective']}, {report['engine']}"),
              f"{'layer':>5} | {'linear':>7} {'random':>7} {'gain':>6} | {'1-NN':>7} {'random':>7} {'gain':>6}"]
     for r in report["layers"]:
         lines.append(f"{r['layer']:>5} | {100 * r['linear']:6.1f}% {100 * r['linear_random']:6.1f}% "

@@ -1,0 +1,138 @@
+"""The stage step: no gradient crosses a layer, emitted outputs are never changed, objectives behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.layers import normalise, parse_blocks
+from workers.learner import LearnerSpec, LocalLearner, Stage, stage_ranges
+from workers.objectives import OBJECTIVES, get_objective
+
+
+def spec(objective: str = "nce", head: tuple[int, int] | None = (16, 8), layers: str = "conv:4,conv:6,mlp:8",
+         seed: int = 0) -> LearnerSpec:
+    blocks = parse_blocks(layers)
+    return LearnerSpec(blocks, (1, 8, 8), objective, tuple(0.1 for _ in blocks), 1e-2, head, 1, seed)
+
+
+def clips(b: int = 4, t: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.rand(b, t, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_loss_of_a_layer_leaves_the_layers_below_without_gradient() -> None:
+    below, above = LocalLearner(spec(), 0, 1), LocalLearner(spec(), 1, 2)
+    x, _ = below.step(clips())
+    below.optimizer.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in below.modules().parameters()]
+    above.step(x)
+    for p, q in zip(below.modules().parameters(), before, strict=True):
+        assert p.grad is None, "a gradient crossed the layer boundary"
+        assert torch.equal(p, q)
+    assert all(p.grad is not None for p in above.modules().parameters())
+
+
+def test_emitted_output_is_detached_and_unchanged_by_the_layer_above() -> None:
+    below, above = LocalLearner(spec(), 0, 1), LocalLearner(spec(), 1, 2)
+    x, _ = below.step(clips())
+    assert not x.requires_grad and x.grad_fn is None
+    emitted = x.clone()
+    for _ in range(3):
+        above.step(x)
+    assert torch.equal(x, emitted)
+
+
+def test_emitted_output_is_the_forward_before_the_step() -> None:
+    learner = LocalLearner(spec(), 0, 1)
+    frames = clips()
+    expected = learner.forward(frames.flatten(0, 1))[0]
+    out, _ = learner.step(frames)
+    assert torch.equal(out.flatten(0, 1), expected)
+    assert not torch.equal(learner.forward(frames.flatten(0, 1))[0], expected), "the step changed nothing"
+
+
+def test_output_is_normalised_to_unit_rms() -> None:
+    out, _ = LocalLearner(spec(), 0, 1).step(clips())
+    rms = out.flatten(2).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    assert torch.allclose(normalise(3 * out.flatten(0, 1)), out.flatten(0, 1), atol=1e-4)
+
+
+def test_end_to_end_learner_trains_every_block() -> None:
+    e2e = LocalLearner(spec(), 0, 3)
+    e2e.step(clips())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in e2e.blocks.parameters())
+
+
+def test_init_is_independent_of_stage_grouping() -> None:
+    whole = Stage.layer_local(spec(), 0, 3)
+    parts = [Stage.layer_local(spec(), a, b) for a, b in stage_ranges(3, 2)]
+    split = [lrn for s in parts for lrn in s.learners]
+    for a, b in zip(whole.learners, split, strict=True):
+        for p, q in zip(a.modules().parameters(), b.modules().parameters(), strict=True):
+            assert torch.equal(p, q)
+    other = Stage.layer_local(spec(seed=1), 0, 3)
+    assert not torch.equal(other.learners[0].blocks[0].conv.weight, whole.learners[0].blocks[0].conv.weight)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    a = Stage.layer_local(spec(), 0, 3)
+    a.step(clips(seed=1))
+    b = Stage.layer_local(spec(), 0, 3)
+    b.load_state_dict(a.state_dict())
+    xa, _ = a.step(clips(seed=2))
+    xb, _ = b.step(clips(seed=2))
+    assert torch.equal(xa, xb)
+
+
+def test_stage_ranges() -> None:
+    assert stage_ranges(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(ValueError, match="--layers-per-stage"):
+        stage_ranges(3, 0)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_reports_its_parts_and_learns(name: str) -> None:
+    learner = LocalLearner(spec(objective=name, head=None), 0, 1)
+    losses = []
+    frames = clips(b=6, t=4)
+    for _ in range(15):
+        _, m = learner.step(frames)
+        losses.append(m["loss"])
+        assert set(m) == {"loss", "pos", "neg", "over", "spread"}
+        assert 0 <= m["pos"] <= 4 and 0 <= m["neg"] <= 4 and 0 <= m["over"] <= 1 and m["spread"] >= 0
+    assert losses[-1] <= losses[0]
+
+
+def test_hinge_is_zero_when_every_pair_is_within_delta() -> None:
+    e = torch.ones(3, 4, 5) + 1e-3 * torch.randn(3, 4, 5)
+    result = get_objective("hinge")(e, 0.5)
+    assert result.loss.item() == 0 and result.over == 0
+
+
+def test_hinge_neg_pushes_identical_clips_apart() -> None:
+    e = torch.ones(3, 4, 5)
+    assert get_objective("hinge-neg")(e, 0.5).loss.item() == pytest.approx(1.0)
+
+
+def test_spread_detects_collapse() -> None:
+    healthy = get_objective("nce")(torch.randn(8, 4, 16), 0.1)
+    collapsed = get_objective("nce")(torch.ones(8, 4, 16), 0.1)
+    assert healthy.spread > 0.5 and collapsed.spread < 1e-3
+
+
+def test_nce_prefers_the_true_next_frame() -> None:
+    e = torch.randn(6, 4, 16)
+    slow = e[:, :1].expand(-1, 4, -1) + 0.01 * torch.randn(6, 4, 16)
+    assert get_objective("nce")(slow, 0.1).loss < get_objective("nce")(e, 0.1).loss
+
+
+def test_bad_objective_input() -> None:
+    with pytest.raises(ValueError, match="--objective"):
+        get_objective("nope")
+    with pytest.raises(ValueError, match="T>=2"):
+        get_objective("hinge")(torch.zeros(2, 1, 3), 0.1)
+    with pytest.raises(ValueError, match="conv:32"):
+        parse_blocks("conv:32,dense:3")
+    with pytest.raises(ValueError, match="cannot follow"):
+        parse_blocks("mlp:4,conv:3")
