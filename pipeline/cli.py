@@ -73,6 +73,19 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True)
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="train and probe a named set of variants side by side")
+    p.add_argument("name", help="objectives | deltas")
+    p.add_argument("--data", required=True, help="data spec")
+    p.add_argument("--out", required=True, help="study directory (resumes: finished variants are kept)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, help="comma-separated variant labels to run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--probe-views", type=_ints, default=None, help="labelled frame indices, e.g. 0,18,36,54")
+    g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamina", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -80,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train(sub)
     _add_probe(sub)
     _add_report(sub)
+    _add_study(sub)
     args = parser.parse_args(["train"] if argv is None and len(sys.argv) == 1 else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -88,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"lamina {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _probe_split(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, float | None]:
+    """--probe-views or --probe-fraction; half of the sequences when neither is given."""
+    if args.probe_views is None and args.probe_fraction is None:
+        return None, 0.5
+    return args.probe_views, args.probe_fraction
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -102,12 +123,18 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "probe":
         from pipeline.probe import format_table, probe
 
-        fraction = args.probe_fraction
-        if args.probe_views is None and fraction is None:
-            fraction = 0.5
-        report = probe(args.run_dir, args.data, args.probe_views, fraction)
+        report = probe(args.run_dir, args.data, *_probe_split(args))
         print(format_table(report))
         print(f"wrote {args.run_dir}/probe.json")
+        return 0
+    if args.command == "study":
+        from pipeline.study import format_study, run_study
+
+        only = args.only.split(",") if args.only else None
+        results = run_study(args.name, args.out, {"data": args.data, "steps": args.steps, "seed": args.seed},
+                            *_probe_split(args), only)
+        print(format_study(results))
+        print(f"wrote {args.out}/study.json, study.md, study.png")
         return 0
     if args.command == "report":
         from pipeline.rundir import RunDir

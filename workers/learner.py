@@ -59,7 +59,8 @@ class LocalLearner:
             # Seeding per block keeps the init independent of how blocks are grouped into stages.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed * 1009 + k)
-                in_shape = shapes[k] if len(shapes[k]) == 3 else (shapes[k][0], 1, 1)
+                shape = shapes[k]
+                in_shape = (shape[0], shape[1], shape[2]) if len(shape) == 3 else (shape[0], 1, 1)
                 self.blocks.append(build_blocks((spec.blocks[k],), in_shape)[0])
         feat = pooled_size(shapes[last], spec.loss_grid)
         self.head: nn.Module | None = None

@@ -110,6 +110,31 @@ def nce(e: Tensor, delta: float) -> LocalLoss:
     return _report(loss, u, pos, neg, delta)
 
 
+def clip_nce(e: Tensor, delta: float) -> LocalLoss:
+    """Clip-contrastive InfoNCE: every other frame of a frame's own clip is a positive, every frame of
+    another clip a negative (supervised-contrastive form, the clip as the label).
+
+    delta is the tolerance: a positive pair closer than delta (squared distance of unit embeddings, i.e.
+    cosine >= 1 - delta/2) counts as a perfect match, so it is no longer pulled together — a layer is
+    allowed to vary that much between frames of one clip.
+    """
+    _check(e)
+    b, t, _ = e.shape
+    u = F.normalize(e, dim=-1)
+    pos, neg = _pair_distances(u)
+    flat = u.flatten(0, 1)
+    sim = flat @ flat.T  # (BT, BT) cosine similarities
+    clip = torch.arange(b, device=e.device).repeat_interleave(t)
+    same = clip[:, None] == clip[None, :]
+    eye = torch.eye(b * t, dtype=torch.bool, device=e.device)
+    sim = torch.where(same & ~eye, sim.clamp(max=1 - delta / 2), sim)
+    logits = (sim / NCE_TEMPERATURE).masked_fill(eye, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
+    positives = same & ~eye
+    loss = -(log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1)).mean()
+    return _report(loss, u, pos, neg, delta)
+
+
 Objective = Callable[[Tensor, float], LocalLoss]
 
 OBJECTIVES: dict[str, Objective] = {
@@ -117,6 +142,7 @@ OBJECTIVES: dict[str, Objective] = {
     "hinge-neg": hinge_neg,
     "slow-var": slow_var,
     "nce": nce,
+    "clip-nce": clip_nce,
 }
 
 

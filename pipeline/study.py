@@ -1,0 +1,98 @@
+"""`lamina study`: train and probe a named set of variants side by side, one table and one plot.
+
+A study is data: a name -> list of (label, TrainConfig overrides). Every variant trains in its own run
+directory under OUT and is probed with the same protocol; a variant whose probe.json exists is not run
+again, so an interrupted study resumes where it stopped. The random-init twin of every variant is probed
+with it, so each row carries its own baseline.
+
+    OUT/<label>/...      each variant's run directory
+    OUT/study.json       every variant's config and probe
+    OUT/study.md         the table
+    OUT/study.png        probe accuracy by layer, learned (solid) and random init (dotted)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline.config import TrainConfig
+from pipeline.probe import probe
+from pipeline.train import train
+
+logger = logging.getLogger(__name__)
+
+Variant = tuple[str, dict]
+
+STUDIES: dict[str, list[Variant]] = {
+    # Every objective, layer-local and end-to-end, at the default settings.
+    "objectives": [(f"{obj}-{eng}", {"objective": obj, "engine": eng})
+                   for obj in ("hinge", "hinge-neg", "slow-var", "nce", "clip-nce")
+                   for eng in ("sequential", "e2e")],
+    # The seed's claim: earlier layers need a larger tolerance.
+    "deltas": [("constant", {"deltas": (0.3, 0.3, 0.3)}), ("decreasing", {"deltas": (0.5, 0.3, 0.1)}),
+               ("increasing", {"deltas": (0.1, 0.3, 0.5)}), ("none", {"deltas": (0.0, 0.0, 0.0)})],
+}
+
+
+def run_study(name: str, out: str | Path, base: dict, views: tuple[int, ...] | None,
+              fraction: float | None, only: list[str] | None = None) -> list[dict]:
+    if name not in STUDIES:
+        raise ValueError(f"study must be one of {sorted(STUDIES)} (got {name!r})")
+    variants = [v for v in STUDIES[name] if only is None or v[0] in only]
+    if only is not None and len(variants) != len(only):
+        known = [label for label, _ in STUDIES[name]]
+        raise ValueError(f"--only: unknown variants {sorted(set(only) - set(known))} (known: {known})")
+    out = Path(out)
+    results = []
+    for i, (label, overrides) in enumerate(variants):
+        run_dir = out / label
+        cfg = TrainConfig(**{**base, **overrides, "run_dir": str(run_dir)})
+        if not (run_dir / "probe.json").is_file():
+            logger.info("study %s: variant %d/%d %s", name, i + 1, len(variants), label)
+            train(cfg)
+            probe(run_dir, views=views, fraction=fraction)
+        report = json.loads((run_dir / "probe.json").read_text())
+        results.append({"label": label, "config": cfg.to_dict(), "probe": report})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "study.md").write_text(format_study(results) + "\n")
+    plot_study(results, out / "study.png")
+    return results
+
+
+def format_study(results: list[dict]) -> str:
+    """Markdown: one row per variant, linear probe per layer (gain over its random-init twin)."""
+    n = max(len(r["probe"]["layers"]) for r in results)
+    head = "| variant | " + " | ".join(f"layer {k + 1}" for k in range(n)) + " |"
+    rows = [head, "|---|" + "---|" * n]
+    first = results[0]["probe"]
+    rows.append("| random init | " + " | ".join(f"{100 * r['linear_random']:.1f}" for r in first["layers"])
+                + " |")
+    for r in results:
+        cells = [f"{100 * x['linear']:.1f} ({100 * (x['linear'] - x['linear_random']):+.1f})"
+                 for x in r["probe"]["layers"]]
+        rows.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return (f"linear probe, % ({first['split']} on {first['data']}); in brackets: gain over the same "
+            f"network at random init\n\n" + "\n".join(rows))
+
+
+def plot_study(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        layers = [x["layer"] for x in r["probe"]["layers"]]
+        line, = ax.plot(layers, [100 * x["linear"] for x in r["probe"]["layers"]], "o-", label=r["label"])
+        ax.plot(layers, [100 * x["linear_random"] for x in r["probe"]["layers"]], ":", color=line.get_color())
+    ax.set(xlabel="layer", ylabel="linear probe accuracy (%)",
+           title=f"{results[0]['probe']['data']} — solid: learned, dotted: random init")
+    ax.set_xticks(sorted({x["layer"] for r in results for x in r["probe"]["layers"]}))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
