@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 
-from pipeline.data.videos import DataError, Videos, from_uint8
+from pipeline.data.videos import DataError, Videos, from_array
 
 
 def npz_videos(path: str, size: int) -> Videos:
@@ -15,6 +15,7 @@ def npz_videos(path: str, size: int) -> Videos:
 
     sequence archive:  frames (N_seq, T, H, W[, C]) uint8, labels (N_seq,) or (N_seq, T)
     turntable archive: images (O, V, H, W[, C]) uint8, labels (O, V); view V-1 neighbours view 0
+    Frames may also be float in [0, 1].
     """
     if not path:
         raise DataError("npz: no path given (use npz:PATH)")
@@ -24,6 +25,8 @@ def npz_videos(path: str, size: int) -> Videos:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz archive ({e})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single .npy array, not an .npz archive of named arrays")
     with archive:
         keys = set(archive.files)
         if "frames" in keys:
@@ -35,15 +38,26 @@ def npz_videos(path: str, size: int) -> Videos:
                             f"found {sorted(keys)}")
         if "labels" not in keys:
             raise DataError(f"{path}: missing the array 'labels' (found {sorted(keys)})")
-        frames, labels = archive[key], archive["labels"]
+        try:
+            frames, labels = archive[key], archive["labels"]
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            # Object arrays (pickles are refused) and corrupt members end up here.
+            raise DataError(f"{path}: cannot read '{key}' or 'labels' ({e})") from None
     if frames.ndim not in (4, 5):
         raise DataError(f"{path}: '{key}' must have rank 4 (N, T, H, W) or 5 (N, T, H, W, C), "
                         f"got shape {frames.shape}")
     if frames.ndim == 5 and frames.shape[-1] not in (1, 3):
         raise DataError(f"{path}: '{key}' has {frames.shape[-1]} channels in its last axis; expected 1 or 3")
-    if frames.dtype != np.uint8:
-        raise DataError(f"{path}: '{key}' must be uint8 (got {frames.dtype})")
+    if frames.dtype != np.uint8 and not np.issubdtype(frames.dtype, np.floating):
+        raise DataError(f"{path}: '{key}' must be uint8, or float in [0, 1] (got {frames.dtype})")
+    if np.issubdtype(frames.dtype, np.floating):
+        if not np.isfinite(frames).all():
+            raise DataError(f"{path}: '{key}' contains NaN or inf")
+        if frames.min() < 0 or frames.max() > 1:
+            raise DataError(f"{path}: float '{key}' must lie in [0, 1] (got [{frames.min()}, {frames.max()}])")
     n, length = frames.shape[:2]
+    if min(frames.shape[2:4]) < 1:
+        raise DataError(f"{path}: frames of size {frames.shape[2]}x{frames.shape[3]} are empty")
     if n < 1:
         raise DataError(f"{path}: '{key}' holds no sequences")
     if length < 2:
@@ -57,4 +71,4 @@ def npz_videos(path: str, size: int) -> Videos:
                         f"to match '{key}' {frames.shape}")
     if (labels < 0).any():
         raise DataError(f"{path}: 'labels' must be >= 0 (min {labels.min()})")
-    return from_uint8(path, frames, labels.astype(np.int64), wrap, size)
+    return from_array(path, frames, labels.astype(np.int64), wrap, size)

@@ -29,19 +29,19 @@ class Videos:
         return (int(c), int(h), int(w))
 
 
-def from_uint8(name: str, frames: np.ndarray, labels: np.ndarray, wrap: bool, size: int) -> Videos:
-    """(N, L, H, W[, C]) uint8 frames and (N, L) labels -> Videos with frames resized to size x size."""
+def from_array(name: str, frames: np.ndarray, labels: np.ndarray, wrap: bool, size: int) -> Videos:
+    """(N, L, H, W[, C]) frames, uint8 or float in [0, 1], and (N, L) labels -> Videos, resized to size."""
     if frames.ndim == 4:
         frames = frames[..., None]
     n, length, h, w, c = frames.shape
+    assert labels.shape == (n, length), f"labels {labels.shape} do not match frames {frames.shape}"
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 1, 4, 2, 3).reshape(n * length, c, h, w)
-    x = x.float().div_(255.0)
+    x = x.float().div_(255.0) if frames.dtype == np.uint8 else x.float()
     if (h, w) != (size, size):
         # Area interpolation averages pixels when shrinking, so small frames keep their content.
-        x = F.interpolate(x, size=(size, size), mode="area" if min(h, w) >= size else "bilinear",
-                          align_corners=None if min(h, w) >= size else False)
-    if not torch.isfinite(x).all():
-        raise DataError(f"{name}: frames contain NaN or inf after conversion")
+        shrink = min(h, w) >= size
+        x = F.interpolate(x, size=(size, size), mode="area" if shrink else "bilinear",
+                          align_corners=None if shrink else False)
     return Videos(x.reshape(n, length, c, size, size).contiguous(), torch.from_numpy(labels).long(), wrap, name)
 
 
