@@ -12,7 +12,7 @@ from workers.layers import parse_blocks
 from workers.learner import LearnerSpec
 from workers.objectives import OBJECTIVES
 
-ENGINES = ("sequential", "e2e")
+ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
 
 
@@ -27,7 +27,7 @@ def default_deltas(n: int) -> tuple[float, ...]:
 class TrainConfig:
     data: str = "synthetic"  # data spec: synthetic[:OPTIONS] | moving-mnist:PATH | npz:PATH
     objective: str = "nce"  # local objective, a name in workers.objectives.OBJECTIVES
-    engine: str = "sequential"  # sequential (layer-local loop) | e2e (backprop baseline)
+    engine: str = "ray"  # ray (asynchronous pipeline) | sequential (layer-local loop) | e2e (backprop)
     steps: int = 400  # micro-batches to train on
     layers: str = "conv:32,conv:64,conv:128"  # the network, bottom to top
     deltas: tuple[float, ...] = ()  # per-layer tolerance delta_k; empty: default_deltas (decreasing)
@@ -39,7 +39,7 @@ class TrainConfig:
     loss_grid: int = 1  # pool conv maps to grid x grid before the head and loss (1 = global)
     seed: int = 0  # initialisation and data order
     run_dir: str = ""  # where config, metrics and checkpoint go; empty: runs/<time>
-    # The pipeline engine (used from the next engine on):
+    # The Ray pipeline engine (pipeline/ray_engine.py):
     layers_per_stage: int = 1  # consecutive layers per stage actor
     queue_depth: int = 2  # bounded channel depth between stages
     placement: str = "pack"  # placement-group strategy: pack | spread
@@ -62,6 +62,7 @@ class TrainConfig:
             (self.clip_len >= 2, "--clip-len must be >= 2", self.clip_len),
             (self.size >= 4, "--size must be >= 4", self.size),
             (self.lr > 0, "--lr must be > 0", self.lr),
+            (self.seed >= 0, "--seed must be >= 0", self.seed),
             (self.head is None or min(self.head) >= 1, "--head sizes must be >= 1", self.head),
             (self.loss_grid >= 1, "--loss-grid must be >= 1", self.loss_grid),
             (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     videos = load_videos(cfg.data, cfg.size, "train")
     sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
     spec = cfg.learner_spec(videos.frame_shape)
-    run = RunDir(cfg.run_dir or default_run_dir()).create(cfg)
+    # Resolved here so that the config on disk and the engine (the Ray engine's run id) name the same run.
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or default_run_dir())
+    run = RunDir(cfg.run_dir).create(cfg)
     logger.info("run %s: %s on %s (%d sequences x %d frames), %d layers, engine %s", run.path,
                 cfg.objective, videos.name, videos.frames.shape[0], videos.frames.shape[1], cfg.n_layers,
                 cfg.engine)
@@ -33,7 +36,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         for layer, metrics in layer_metrics:
             rows.append({"step": m, "layer": layer, "time": now, **metrics})
         if bar is not None:
-            bar.update(m + 1, " ".join(f"L{k + 1} {mt['loss']:.3f}" for k, mt in layer_metrics))
+            bar.update(m + 1, _status(layer_metrics))
 
     states = _engine(cfg)(cfg, spec, sampler, on_step)
     if bar is not None:
@@ -45,7 +48,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     return run.path
 
 
+def _status(layer_metrics: list[tuple[int, dict[str, float]]]) -> str:
+    """Per-layer loss; with the Ray engine also each stage's throughput and busy fraction."""
+    text = " ".join(f"L{k + 1} {mt['loss']:.3f}" for k, mt in layer_metrics)
+    stages = {int(mt["stage"]): mt for _, mt in layer_metrics if "stage" in mt}
+    if stages:
+        text += " | " + " ".join(f"S{s} {mt['mb_per_s']:.1f}/s {mt['busy']:.0%}"
+                                 for s, mt in sorted(stages.items()))
+    return text
+
+
 def _engine(cfg: TrainConfig):
     if cfg.engine in ("sequential", "e2e"):
         return run_in_process
+    if cfg.engine == "ray":
+        from pipeline.ray_engine import run_ray  # imports Ray: only when asked for
+
+        return run_ray
     raise ValueError(f"--engine {cfg.engine!r} is not available")

@@ -1,0 +1,207 @@
+"""Helpers shared by the Ray tests (tests/test_pipeline.py, tests/test_multinode.py): tiny data, tiny
+configs, exact state comparison, and waiting for Ray to forget a run. Plain functions; each test module
+defines its own module-scoped Ray fixture from them, so one Ray instance serves a whole module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.data import ClipSampler, load_videos
+from pipeline.engines import run_in_process
+from pipeline.ray_engine import NAMESPACE
+from workers.learner import LearnerSpec
+
+TEST_RAY_CPUS = 4  # logical CPUs of the test Ray: three 1-CPU stages fit on this 2-core machine
+
+
+def init_ray(num_cpus: int = TEST_RAY_CPUS, dashboard: bool = False) -> None:
+    """A fresh local Ray for one test module (token authentication stays as Ray sets it: on).
+
+    Metrics are exported every second instead of every few, so a test reads its gauges back sooner.
+    """
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             logging_level="WARNING", log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
+
+
+def tiny_npz(directory: Path, sequences: int = 6, length: int = 8, size: int = 16, seed: int = 0) -> str:
+    """A sequence archive of random uint8 frames; returns the `npz:` data spec for it."""
+    rng = np.random.default_rng(seed)
+    path = directory / f"tiny-{sequences}x{length}x{size}.npz"
+    if not path.exists():
+        np.savez(path, frames=rng.integers(0, 256, (sequences, length, size, size), dtype=np.uint8),
+                 labels=np.arange(sequences))
+    return f"npz:{path}"
+
+
+def tiny_config(data: str, **overrides: Any) -> TrainConfig:
+    """Three 8-channel conv layers on 16x16 frames, 4 clips of 3 frames: a stage step of ~1 ms."""
+    fields: dict[str, Any] = {"data": data, "layers": "conv:8,conv:8,conv:8", "size": 16, "clips": 4,
+                              "clip_len": 3, "steps": 8, "engine": "ray", "queue_depth": 2}
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def setup(cfg: TrainConfig) -> tuple[LearnerSpec, ClipSampler]:
+    videos = load_videos(cfg.data, cfg.size, "train")
+    return cfg.learner_spec(videos.frame_shape), ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
+
+
+def sequential(cfg: TrainConfig, sampler: Any, on_step: Callable[..., None] | None = None, start: int = 0,
+               states: list[dict] | None = None) -> list[dict]:
+    """The reference: the in-process layer-local loop, on the stage actors' thread count.
+
+    The thread count fixes the CPU kernels' summation order, so bit-for-bit comparisons need the same one.
+    """
+    spec, _ = setup(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_stage)))
+    try:
+        return run_in_process(dataclasses.replace(cfg, engine="sequential"), spec, sampler,
+                              on_step or (lambda m, rows: None), start, states)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Recorder:
+    """An `on_step` that keeps every call: [(m, [(layer, metrics), ...]), ...]."""
+
+    def __init__(self, hook: Callable[[int], None] | None = None) -> None:
+        self.calls: list[tuple[int, list[tuple[int, dict[str, float]]]]] = []
+        self.hook = hook
+
+    def __call__(self, m: int, rows: list[tuple[int, dict[str, float]]]) -> None:
+        self.calls.append((m, rows))
+        if self.hook is not None:
+            self.hook(m)
+
+
+def flatten(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, leaf) for every leaf of nested dicts / lists / tuples, in a fixed order."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flatten(v, f"{path}.{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from flatten(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def state_differences(a: Any, b: Any) -> list[str]:
+    """Paths where two states differ: tensors compared bit for bit (torch.equal), other leaves with ==."""
+    fa, fb = list(flatten(a)), list(flatten(b))
+    if [p for p, _ in fa] != [p for p, _ in fb]:
+        return [f"structure: {[p for p, _ in fa]} != {[p for p, _ in fb]}"]
+    diffs = []
+    for (path, x), (_, y) in zip(fa, fb, strict=True):
+        same = (isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+                if isinstance(x, torch.Tensor) else x == y)
+        if not same:
+            diffs.append(path)
+    return diffs
+
+
+def count_tensors(state: Any) -> int:
+    return sum(isinstance(leaf, torch.Tensor) for _, leaf in flatten(state))
+
+
+def run_actors(run_prefix: str) -> list[str]:
+    """Names of live actors in the lamina namespace whose run id starts with `run_prefix`."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith(f"lamina-{run_prefix}")]
+
+
+def run_placement_groups(run_prefix: str) -> list[str]:
+    """States of the placement groups of runs whose id starts with `run_prefix` that are not removed."""
+    table = ray.util.placement_group_table()
+    return [pg["state"] for pg in table.values()
+            if pg["name"].startswith(f"lamina-{run_prefix}") and pg["state"] != "REMOVED"]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, every: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return predicate()
+
+
+def ensure_auth_token() -> None:
+    """Make sure a Ray token exists for token authentication (what `ray start` expects to find)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if not (Path.home() / ".ray" / "auth_token").is_file():
+        subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True)
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on 127.0.0.1 right now (held open together, so they are distinct)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextmanager
+def ray_head(temp_dir: str, num_cpus: int, env: dict[str, str]) -> Iterator[str]:
+    """A head started with `ray start --head` on free ports; yields its dashboard (job API) address.
+
+    Stopped by process id — only the processes of this head (whose command lines name `temp_dir`) and
+    their children — rather than `ray stop`, which would stop every Ray on the machine.
+    """
+    gcs, dashboard, client, agent = free_ports(4)
+    subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={client}",
+                    f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop_processes_of(temp_dir)
+
+
+def stop_processes_of(temp_dir: str) -> None:
+    import psutil  # comes with ray[default]
+
+    own = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in proc.info["cmdline"] or ()):
+            own.append(proc)
+    family = {p.pid: p for p in own}
+    for proc in own:
+        try:
+            family.update({c.pid: c for c in proc.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for proc in family.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass

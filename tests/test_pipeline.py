@@ -1,0 +1,297 @@
+"""The Ray pipeline engine on one local Ray: transparency (the spine), overlap and backpressure, failures,
+interruption, placement errors, metrics, and the `lamina train` path.
+
+One Ray instance (with the dashboard: the state API behind `ray list actors` lives there) serves the
+module; every run builds its own stage actors, so each pipelined run costs a few seconds of actor start.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import math
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.util.state import list_actors
+from ray_fixtures import (
+    Recorder,
+    count_tensors,
+    init_ray,
+    run_actors,
+    run_placement_groups,
+    sequential,
+    setup,
+    state_differences,
+    tiny_config,
+    tiny_npz,
+    wait_until,
+)
+
+from pipeline import cli, ray_engine, transport_bench
+from pipeline.config import TrainConfig
+from pipeline.data import ClipSampler, MicroBatch
+from pipeline.ray_engine import PlacementError, StageError, StagePipeline, run_ray
+from pipeline.rundir import RunDir
+from pipeline.telemetry import DRIVER_GAUGES, LAYER_GAUGES, PREFIX, STAGE_GAUGES
+from workers.learner import Stage
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    init_ray(dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_npz(tmp_path_factory.mktemp("data"))
+
+
+class Reordered:
+    """A sampler that serves micro-batches in another order: what a pipeline that reordered would see."""
+
+    def __init__(self, sampler: ClipSampler, order: list[int]) -> None:
+        self.sampler, self.order = sampler, order
+
+    def batch(self, m: int) -> MicroBatch:
+        return self.sampler.batch(self.order[m])
+
+
+class NaNAt:
+    """A sampler whose micro-batch `bad` is all NaN: makes stage 0 fail there, and only there."""
+
+    def __init__(self, sampler: ClipSampler, bad: int) -> None:
+        self.sampler, self.bad = sampler, bad
+
+    def batch(self, m: int) -> MicroBatch:
+        b = self.sampler.batch(m)
+        return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == self.bad else b
+
+
+# -- transparency: the spine ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("layers_per_stage", "queue_depth", "stages", "resume_at"),
+                         [(1, 2, 3, 0), (2, 3, 2, 4)], ids=["3-stages", "2-layers-per-stage-resumed"])
+def test_pipelined_run_equals_the_sequential_loop_bit_for_bit(ray_local: None, data: str, layers_per_stage: int,
+                                                              queue_depth: int, stages: int, resume_at: int) -> None:
+    cfg = tiny_config(data, layers_per_stage=layers_per_stage, queue_depth=queue_depth, steps=10)
+    spec, sampler = setup(cfg)
+    piped_calls, ref_calls = Recorder(), Recorder()
+    # resume_at > 0: the pipeline starts from the loop's state after `resume_at` micro-batches (a resume).
+    half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler) if resume_at else None
+
+    piped = run_ray(cfg, spec, sampler, piped_calls, start=resume_at, states=half)
+    ref = sequential(cfg, sampler, ref_calls)
+
+    # The pipeline really had `stages` actors, and every layer learned from every micro-batch.
+    assert {int(mt["stage"]) for _, rows in piped_calls.calls for _, mt in rows} == set(range(stages))
+    assert [s["steps"] for s in piped] == [cfg.steps] * cfg.n_layers
+    # Weights, Adam moments and step counts of every layer: bit for bit.
+    assert count_tensors(piped) == count_tensors(ref) > 3 * cfg.n_layers
+    assert state_differences(piped, ref) == []
+    # on_step: once per micro-batch, in order, every layer, the same metrics as the loop computed.
+    assert [m for m, _ in piped_calls.calls] == list(range(resume_at, cfg.steps))
+    assert [[(k, {n: mt[n] for n in LAYER_GAUGES}) for k, mt in rows] for _, rows in piped_calls.calls] == \
+        [rows for _, rows in ref_calls.calls[resume_at:]]
+
+    # The comparison is sharp: learning moved the weights, and a different seed, or the same micro-batches
+    # in another order (what an out-of-order pipeline would compute), gives different bits.
+    init = Stage.layer_local(spec, 0, cfg.n_layers).state_dict()["learners"]
+    assert state_differences([s["modules"] for s in piped], [s["modules"] for s in init])
+    other_seed = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    assert state_differences(piped, sequential(other_seed, setup(other_seed)[1]))
+    swapped = Reordered(sampler, [0, 2, 1, *range(3, cfg.steps)])
+    assert state_differences(piped, sequential(cfg, swapped))
+
+
+# -- asynchrony, shown: overlap and backpressure ----------------------------------------------------------
+
+DEPTH = 2
+
+
+@pytest.fixture(scope="module")
+def intervals(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[tuple[int, float, float]]]:
+    """Busy intervals (m, start, end) per stage of one 2-stage run whose top stage is the slower one
+    (conv 1->8 at 32x32, then 8->128 at 16x16: about 7 and 20 ms a step here)."""
+    data = tiny_npz(tmp_path_factory.mktemp("data32"), sequences=16, length=8, size=32)
+    cfg = tiny_config(data, layers="conv:8,conv:128", size=32, clips=16, clip_len=4, steps=40, queue_depth=DEPTH)
+    spec, sampler = setup(cfg)
+    calls = Recorder()
+    run_ray(cfg, spec, sampler, calls)
+    out: dict[int, list[tuple[int, float, float]]] = {0: [], 1: []}
+    for m, rows in calls.calls:
+        for _, mt in rows:
+            out[int(mt["stage"])].append((m, mt["busy_start"], mt["busy_end"]))
+    return out
+
+
+def test_stages_work_at_the_same_time_on_different_micro_batches(
+        intervals: dict[int, list[tuple[int, float, float]]]) -> None:
+    overlaps = [(a, b, min(e0, e1) - max(s0, s1))
+                for a, s0, e0 in intervals[0] for b, s1, e1 in intervals[1] if min(e0, e1) > max(s0, s1)]
+    busy_top = sum(e - s for _, s, e in intervals[1])
+    # While stage 1 learns from micro-batch b, stage 0 learns from a later one (it produced b already).
+    assert overlaps and all(a > b for a, b, _ in overlaps), overlaps
+    # And not by a sliver: stage 0 works during a good part of stage 1's busy time.
+    assert sum(o for _, _, o in overlaps) > 0.25 * busy_top, (sum(o for _, _, o in overlaps), busy_top)
+
+
+def test_a_fast_stage_runs_at_most_queue_depth_ahead(intervals: dict[int, list[tuple[int, float, float]]]) -> None:
+    ends_top = sorted(e for _, _, e in intervals[1])
+    # Lead of stage 0 when it starts micro-batch a: how far a is beyond what stage 1 has finished.
+    leads = [a - bisect.bisect_right(ends_top, s) for a, s, _ in intervals[0]]
+    assert max(leads) <= DEPTH, leads  # the bound: stage 0 was never handed more
+    assert max(leads) == DEPTH, leads  # and it binds: the fast stage was held back, not merely slow
+
+
+# -- lifecycle: failures, Ctrl-C, placement ---------------------------------------------------------------
+
+
+def test_a_failing_stage_stops_the_run_once_naming_stage_and_micro_batch(ray_local: None, data: str,
+                                                                         tmp_path: Path) -> None:
+    cfg = tiny_config(data, steps=12, run_dir=str(tmp_path / "failrun"))
+    spec, sampler = setup(cfg)
+    calls = Recorder()
+
+    with pytest.raises(StageError) as info:
+        run_ray(cfg, spec, NaNAt(sampler, 5), calls)
+
+    err = info.value
+    assert type(err) is StageError  # the driver's own error, not Ray's wrapper
+    assert (err.stage, err.micro_batch) == (0, 5)
+    assert isinstance(err.cause, FloatingPointError) and "nan" in str(err.cause)
+    assert re.search(r"stage 0 \(lamina-failrun-[0-9a-f]{4}-stage0\) failed on micro-batch 5", str(err)), str(err)
+    # on_step saw a prefix of the micro-batches before the failure, never the failed one.
+    seen = [m for m, _ in calls.calls]
+    assert seen == list(range(len(seen))) and len(seen) <= 5
+    # Torn down: no stage actor, no placement group left behind.
+    assert wait_until(lambda: not run_actors("failrun")), run_actors("failrun")
+    assert run_placement_groups("failrun") == []
+
+
+def test_ctrl_c_drains_then_tears_down_and_re_raises(ray_local: None, data: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config(data, layers="conv:8,conv:8", steps=200, run_dir=str(tmp_path / "intrun"))
+    spec, sampler = setup(cfg)
+
+    def interrupt(m: int) -> None:
+        if m == 3:
+            raise KeyboardInterrupt
+
+    calls = Recorder(interrupt)
+    with caplog.at_level(logging.WARNING, logger="pipeline.ray_engine"), pytest.raises(KeyboardInterrupt):
+        run_ray(cfg, spec, sampler, calls)
+
+    assert [m for m, _ in calls.calls] == [0, 1, 2, 3]  # nothing reported after the interrupt
+    assert "draining" in caplog.text
+    assert wait_until(lambda: not run_actors("intrun")), run_actors("intrun")
+    assert run_placement_groups("intrun") == []
+
+
+def test_stages_that_do_not_fit_fail_with_the_bundles_and_the_cluster_named(
+        ray_local: None, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_engine, "PLACEMENT_TIMEOUT_S", 1.0)
+    cfg = tiny_config(data, cpus_per_stage=3.0, run_dir=str(tmp_path / "bigrun"))  # 3 x 3 CPUs > 4
+    spec, sampler = setup(cfg)
+
+    with pytest.raises(PlacementError, match=r"3 stage bundles \{'CPU': 3\.0\} \(PACK\)") as info:
+        run_ray(cfg, spec, sampler, Recorder())
+
+    assert "'CPU': 4.0" in str(info.value)  # the cluster's resources, to compare with
+    assert run_placement_groups("bigrun") == []
+    assert run_actors("bigrun") == []
+
+
+# -- observability: Ray's dashboard and Prometheus --------------------------------------------------------
+
+SERIES = re.compile(r"^ray_(lamina_\w+)\{([^}]*)\} (\S+)$")
+
+
+def _series(text: str, run: str) -> dict[tuple[str, str, str], float]:
+    """{(gauge, stage, layer): value} of one run's lamina gauges in a Prometheus text page."""
+    out = {}
+    for line in text.splitlines():
+        match = SERIES.match(line)
+        if match:
+            tags = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
+            if tags.get("run") == run:
+                out[(match[1], tags["stage"], tags.get("layer", ""))] = float(match[3])
+    return out
+
+
+def test_stage_metrics_reach_prometheus_and_the_actors_are_listed(ray_local: None, data: str,
+                                                                  tmp_path: Path) -> None:
+    cfg = tiny_config(data, layers_per_stage=2, steps=6, run_dir=str(tmp_path / "metricsrun"))  # stages 0-1 | 2
+    spec, sampler = setup(cfg)
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    calls = Recorder()
+    layer_keys = {(PREFIX + g, s, layer) for g in LAYER_GAUGES for s, layer in (("0", "0"), ("0", "1"), ("1", "2"))}
+    stage_keys = {(PREFIX + g, s, "") for g in [*STAGE_GAUGES, *DRIVER_GAUGES] for s in ("0", "1")}
+    series: dict[tuple[str, str, str], float] = {}
+
+    def scrape() -> bool:
+        nonlocal series
+        with urllib.request.urlopen(url, timeout=5) as page:
+            series = _series(page.read().decode(), pipe.run)
+        return layer_keys | stage_keys <= set(series)
+
+    with StagePipeline(cfg, spec) as pipe:
+        pipe.train(sampler, 0, cfg.steps, calls)
+        # `ray list actors` (the state API) shows the stage actors by name while they run.
+        alive = {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])}
+        assert set(pipe.names) <= alive, (pipe.names, alive)
+        assert pipe.names == [f"lamina-{pipe.run}-stage{k}" for k in range(2)]
+        found = wait_until(scrape, timeout=40, every=1.0)
+
+    assert found, sorted(layer_keys | stage_keys - set(series))
+    # The gauges hold the last micro-batch's values, as the stages reported them to the driver.
+    _, last = calls.calls[-1]
+    for layer, mt in last:
+        for g in LAYER_GAUGES:
+            assert series[(PREFIX + g, str(int(mt["stage"])), str(layer))] == pytest.approx(mt[g], abs=1e-9)
+    assert all(0 <= series[(PREFIX + "busy_fraction", s, "")] <= 1 for s in ("0", "1"))
+    assert all(series[(PREFIX + "microbatches_per_s", s, "")] > 0 for s in ("0", "1"))
+
+
+# -- the command line: `lamina train` is the Ray engine ---------------------------------------------------
+
+
+def test_lamina_train_runs_the_ray_engine_by_default(ray_local: None, data: str, tmp_path: Path) -> None:
+    assert TrainConfig().engine == "ray"
+    run_dir = tmp_path / "clirun"
+    rc = cli.main(["train", "--data", data, "--layers", "conv:8,conv:8", "--size", "16", "--clips", "4",
+                   "--clip-len", "3", "--steps", "5", "--run-dir", str(run_dir)])
+
+    assert rc == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["engine"], config["run_dir"]) == ("ray", str(run_dir))
+    metrics = RunDir(run_dir).read_metrics().to_pydict()
+    assert sorted(zip(metrics["step"], metrics["layer"], strict=True)) == [(m, k) for m in range(5) for k in (0, 1)]
+    checkpoint = RunDir(run_dir).load_checkpoint()
+    assert checkpoint["step"] == 5 and [s["steps"] for s in checkpoint["learners"]] == [5, 5]
+
+
+# -- the measurement behind the transport ---------------------------------------------------------------
+
+
+def test_transport_bench_measures_every_transport_against_memcpy(ray_local: None) -> None:
+    rows = transport_bench.hop_costs(sizes=[64 * 1024], rounds=3, warmup=1)
+
+    (row,) = rows
+    assert set(row.ms) == {*transport_bench.TRANSPORTS, "memcpy"}
+    assert all(ms > 0 for ms in row.ms.values())
+    assert row.ms["memcpy"] < min(row.ms[t] for t in transport_bench.TRANSPORTS)  # the floor
+    assert transport_bench.hop_table(rows).splitlines()[2].startswith("| 64 KB |")
