@@ -1,0 +1,133 @@
+"""The driver's gRPC control plane (proto/control.proto): status, checkpoint on request, graceful stop.
+
+The server binds to loopback unless told otherwise, and every call must carry a bearer token: the driver
+makes a fresh one per run and writes it, with the address, to RUN_DIR/control.json (mode 0600), so only
+the run's owner can steer it. The handlers only read a status snapshot or set flags that the driver's loop
+polls between micro-batches: no rpc ever touches a tensor or blocks the training loop.
+
+    lamina control --run-dir DIR status | checkpoint | stop
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pipeline import control_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "lamina.control.v1.Control"
+CONTROL_FILE = "control.json"
+
+
+@dataclass
+class ControlHandlers:
+    """What the driver lets the control plane do; each callable must be cheap and thread-safe."""
+
+    status: Callable[[], pb.StatusReply]
+    checkpoint: Callable[[], tuple[bool, str]]  # -> (accepted, detail)
+    stop: Callable[[], bool]  # -> accepted
+
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Refuses every call whose `authorization` metadata is not `Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(sent).encode(), self._expected):
+            return continuation(details)
+        return self._deny
+
+
+def _method(fn: Callable[[Any], Any], request_type: Any, reply_type: Any) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        lambda request, context: fn(request), request_deserializer=request_type.FromString,
+        response_serializer=reply_type.SerializeToString)
+
+
+class ControlServer:
+    """A gRPC server for one run; `start()` writes RUN_DIR/control.json, `stop()` removes it."""
+
+    def __init__(self, run_dir: str | Path, handlers: ControlHandlers, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.run_dir = Path(run_dir)
+        self.token = secrets.token_urlsafe(32)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                                   interceptors=[_TokenAuth(self.token)])
+        checkpoint = handlers.checkpoint
+
+        def do_checkpoint(_: pb.CheckpointRequest) -> pb.CheckpointReply:
+            accepted, detail = checkpoint()
+            return pb.CheckpointReply(accepted=accepted, detail=detail)
+
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+            "Status": _method(lambda _: handlers.status(), pb.StatusRequest, pb.StatusReply),
+            "Checkpoint": _method(do_checkpoint, pb.CheckpointRequest, pb.CheckpointReply),
+            "Stop": _method(lambda _: pb.StopReply(accepted=handlers.stop()), pb.StopRequest, pb.StopReply),
+        })])
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"control plane: cannot bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> ControlServer:
+        self._server.start()
+        path = self.run_dir / CONTROL_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"address": self.address, "token": self.token}, f)
+        logger.info("control plane on %s (token in %s)", self.address, path)
+        return self
+
+    def stop(self) -> None:
+        self._server.stop(grace=1.0).wait()
+        (self.run_dir / CONTROL_FILE).unlink(missing_ok=True)
+
+
+class ControlClient:
+    """Calls a run's control plane, reading its address and token from RUN_DIR/control.json."""
+
+    def __init__(self, run_dir: str | Path, timeout: float = 10.0) -> None:
+        path = Path(run_dir) / CONTROL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no control plane (is the run still training?)")
+        info = json.loads(path.read_text())
+        self._channel = grpc.insecure_channel(info["address"])
+        self._metadata = (("authorization", f"Bearer {info['token']}"),)
+        self.timeout = timeout
+
+    def _call(self, name: str, request: Any, reply_type: Any) -> Any:
+        stub = self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=type(request).SerializeToString,
+                                         response_deserializer=reply_type.FromString)
+        return stub(request, metadata=self._metadata, timeout=self.timeout)
+
+    def status(self) -> pb.StatusReply:
+        return self._call("Status", pb.StatusRequest(), pb.StatusReply)
+
+    def checkpoint(self) -> pb.CheckpointReply:
+        return self._call("Checkpoint", pb.CheckpointRequest(), pb.CheckpointReply)
+
+    def stop(self) -> pb.StopReply:
+        return self._call("Stop", pb.StopRequest(), pb.StopReply)
+
+    def close(self) -> None:
+        self._channel.close()
