@@ -57,6 +57,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", default=D.placement, choices=PLACEMENTS)
     p.add_argument("--cpus-per-stage", type=float, default=D.cpus_per_stage)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
+                   help="barrier checkpoint every N micro-batches (0: only on SIGUSR1, Ctrl-C and at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="complete checkpoints kept")
+    p.add_argument("--checkpoint-uri", default=D.checkpoint_uri,
+                   help="checkpoint storage: a path or a pyarrow.fs URI (default RUN_DIR/checkpoints)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last complete checkpoint, with its config (other flags ignored)")
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +93,18 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
+    p.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
+    p.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
+
+
+def _add_control(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("control", help="ask a training run for its status, a checkpoint or a graceful stop")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("action", choices=("status", "checkpoint", "stop"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamina", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -94,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_probe(sub)
     _add_report(sub)
     _add_study(sub)
+    _add_control(sub)
+    _add_bench(sub)
     args = parser.parse_args(["train"] if argv is None and len(sys.argv) == 1 else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -113,12 +134,16 @@ def _probe_split(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, floa
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "train":
-        from pipeline.train import train
+        from pipeline.train import resume, train_run
 
-        fields = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-        run_dir = train(TrainConfig(**fields))
-        print(f"run directory: {run_dir}")
-        print(f"next: lamina probe --run-dir {run_dir}")
+        fields = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "resume")}
+        outcome = resume(args.resume) if args.resume else train_run(TrainConfig(**fields), handle_signals=True)
+        print(f"run directory: {outcome.path}")
+        if outcome.stopped_at is not None:
+            print(f"stopped after {outcome.stopped_at} micro-batches (checkpoint written); "
+                  f"continue with: lamina train --resume {outcome.path}")
+        else:
+            print(f"next: lamina probe --run-dir {outcome.path}")
         return 0
     if args.command == "probe":
         from pipeline.probe import format_table, probe
@@ -135,6 +160,29 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                             *_probe_split(args), only)
         print(format_study(results))
         print(f"wrote {args.out}/study.json, study.md, study.png")
+        return 0
+    if args.command == "bench":
+        import time
+
+        from pipeline.bench.suite import main as bench
+
+        out = args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(bench(args.quick, out))
+        print(f"wrote {out}/bench.json, bench.md, bench.png")
+        return 0
+    if args.command == "control":
+        import grpc
+
+        from pipeline.control import ControlClient
+
+        client = ControlClient(args.run_dir)
+        try:
+            print(getattr(client, args.action)(), end="")
+        except grpc.RpcError as e:
+            print(f"lamina control: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+        finally:
+            client.close()
         return 0
     if args.command == "report":
         from pipeline.rundir import RunDir

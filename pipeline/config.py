@@ -26,7 +26,7 @@ def default_deltas(n: int) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "synthetic"  # data spec: synthetic[:OPTIONS] | moving-mnist:PATH | npz:PATH
-    objective: str = "nce"  # local objective, a name in workers.objectives.OBJECTIVES
+    objective: str = "clip-nce"  # local objective, a name in workers.objectives.OBJECTIVES
     engine: str = "ray"  # ray (asynchronous pipeline) | sequential (layer-local loop) | e2e (backprop)
     steps: int = 400  # micro-batches to train on
     layers: str = "conv:32,conv:64,conv:128"  # the network, bottom to top
@@ -45,6 +45,10 @@ class TrainConfig:
     placement: str = "pack"  # placement-group strategy: pack | spread
     cpus_per_stage: float = 1.0  # CPUs reserved per stage actor
     address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS or a new local Ray
+    # Barrier checkpoints (pipeline/checkpoint.py): what resume and stage-failure recovery restore.
+    checkpoint_every: int = 100  # a checkpoint after every N micro-batches; 0: only on request and at the end
+    keep_checkpoints: int = 3  # complete checkpoints kept (older ones are pruned)
+    checkpoint_uri: str = ""  # local path or pyarrow.fs URI (s3://...); empty: RUN_DIR/checkpoints
     n_layers: int = field(init=False)  # derived from `layers`
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class TrainConfig:
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
             (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0", self.checkpoint_every),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1", self.keep_checkpoints),
         ]
         for ok, message, value in checks:
             if not ok:

@@ -2,7 +2,8 @@
 
     RUN_DIR/config.json      the resolved TrainConfig
     RUN_DIR/metrics.parquet  one row per (micro-batch, layer): loss, pos, neg, over, spread, time
-    RUN_DIR/checkpoint.pt    every learner's state (weights, optimizer, steps) and the config
+    RUN_DIR/checkpoint.pt    every learner's state (weights, optimizer, steps) and the config, at the end
+    RUN_DIR/checkpoints/     barrier checkpoints during the run (pipeline/checkpoint.py): resume, recovery
     RUN_DIR/loss.png         the loss curve of every layer
 """
 
@@ -67,6 +68,13 @@ class RunDir:
             + [(name, pa.float64()) for name in METRIC_NAMES]))
         _atomic_write(f, lambda p: pq.write_table(table, p))
         return f
+
+    def previous_metrics(self, before: int) -> list[dict]:
+        """Rows of metrics.parquet for micro-batches below `before` (what a resumed run keeps); [] if none.
+        A run stopped hard (no metrics written) loses its rows, not its weights."""
+        if not (self.path / "metrics.parquet").is_file():
+            return []
+        return [r for r in self.read_metrics().to_pylist() if r["step"] < before]
 
     def read_metrics(self) -> pa.Table:
         return pq.read_table(self.path / "metrics.parquet")

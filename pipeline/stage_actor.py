@@ -8,7 +8,9 @@ and adds only what crossing a process boundary needs:
   - the device (cuda when Ray gave the actor a GPU) and the thread count (its CPU reservation);
   - a `StepReport` per micro-batch: the layers' metrics and the busy interval, small, no tensors;
   - the stage's gauges (pipeline/telemetry.py);
-  - errors become a `StageError` naming the stage and the micro-batch.
+  - errors become a `StageError` naming the stage and the micro-batch;
+  - a ledger of the micro-batches it applied, and barrier snapshots of its state, written by the stage
+    itself to the checkpoint store ([Note: barrier checkpoints] in pipeline/checkpoint.py).
 
 `remote_stage_class()` is the one place that wraps it with `ray.remote`; pipeline/ray_engine.py places
 and drives the actors.
@@ -28,6 +30,7 @@ import numpy as np
 import ray
 import torch
 
+from pipeline.checkpoint import CheckpointStore, Ledger, StageFile, stage_payload
 from pipeline.telemetry import BusyWindow, StageTelemetry
 from workers.learner import LearnerSpec, Stage
 
@@ -78,6 +81,8 @@ class StageWorker:
         # so wrapping them without a copy is safe, and torch's "not writable" warning is noise.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.index, self.name, self.threads = index, name, threads
+        self.first, self.last = first, last
+        self.ledger = Ledger()  # micro-batches applied, restored with the state: exactly-once evidence
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         self.stage = Stage.layer_local(spec, first, last, self.device)
         self.layers = tuple(lrn.last - 1 for lrn in self.stage.learners)
@@ -104,6 +109,7 @@ class StageWorker:
             y = out.cpu().numpy() if emit else None
         except Exception as e:
             raise StageError(self.index, m, e, self.name) from e
+        self.ledger.add(m)
         end = time.time()
         rate, busy = self.window.add(start, end)
         layers = tuple(zip(self.layers, metrics, strict=True))
@@ -114,8 +120,33 @@ class StageWorker:
         """Every learner's state, tensors on the cpu (what checkpoints hold)."""
         return _to_cpu(self.stage.state_dict())
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, ledger: list[list[int]] | None = None) -> None:
         self.stage.load_state_dict(state)
+        self.ledger = Ledger(ledger)
+
+    def snapshot(self, m: int, store: CheckpointStore) -> StageFile:
+        """Write this stage's state as it is after micro-batch m (the barrier: queued right behind
+        step(m), so nothing later has been applied) to checkpoint m + 1 of `store`."""
+        try:
+            payload = stage_payload(self.index, self.first, self.last, m + 1, self.state_dict()["learners"],
+                                    self.ledger)
+            return store.write_stage(m + 1, self.index, payload)
+        except Exception as e:
+            raise StageError(self.index, m, e, self.name) from e
+
+    def restore(self, store: CheckpointStore, step: int) -> int:
+        """Load this stage's part of complete checkpoint `step` (read here, not through the driver)."""
+        payload = store.read_stage(step, self.index)
+        if (payload["first"], payload["last"]) != (self.first, self.last):
+            raise ValueError(f"checkpoint {step} stage {self.index} holds layers [{payload['first']}, "
+                             f"{payload['last']}), this stage [{self.first}, {self.last})")
+        self.stage.load_state_dict({"learners": payload["learners"]})
+        self.ledger = Ledger(payload["ledger"])
+        torch.set_rng_state(payload["rng"])
+        return step
+
+    def get_ledger(self) -> list[list[int]]:
+        return self.ledger.ranges
 
     def info(self) -> dict[str, Any]:
         """Where this stage runs: for logs and for tests of placement."""

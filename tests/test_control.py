@@ -71,3 +71,50 @@ def test_calls_without_the_token_are_refused(served, token: str | None) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert calls == []
     channel.close()
+
+
+def test_a_training_run_answers_status_checkpoint_and_stop(tmp_path: Path) -> None:
+    """`lamina train` serves the control plane: Status sees progress, Checkpoint and Stop take effect."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from pipeline.checkpoint import CheckpointStore
+
+    data = tmp_path / "seq.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, frames=rng.integers(0, 256, (6, 8, 8, 8), dtype=np.uint8), labels=np.arange(6))
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--engine", "sequential", "--data", f"npz:{data}",
+            "--layers", "conv:4", "--size", "8", "--clips", "4", "--clip-len", "3", "--steps", "100000",
+            "--checkpoint-every", "0", "--run-dir", str(run_dir)]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / CONTROL_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = ControlClient(run_dir)
+        while client.status().steps_done < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = client.status()
+        assert status.engine == "sequential" and status.steps_total == 100000 and status.steps_done >= 5
+        assert [layer.layer for layer in status.layers] == [0] and status.microbatches_per_s > 0
+        assert client.checkpoint().accepted
+        store = CheckpointStore(str(run_dir / "checkpoints"))
+        while (store.latest_complete() or 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        requested = store.latest_complete()
+        assert requested is not None and requested > 0
+        assert client.stop().accepted
+        client.close()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped after" in out and not (run_dir / CONTROL_FILE).exists()
+    assert (store.latest_complete() or 0) >= requested

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def test_spread_runs_the_two_stages_on_different_nodes(two_nodes: Cluster, tmp_p
 def test_pack_keeps_the_two_stages_on_one_node(two_nodes: Cluster, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", placement="pack", run_dir=str(tmp_path / "packrun"))
     spec, _ = setup(cfg)
+    # PACK packs onto as few nodes as *currently* fit: wait until the previous test's actors have given
+    # their CPUs back, or a busy node makes PACK (rightly) split the bundles.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
     with StagePipeline(cfg, spec) as pipe:
         placed = [info["node_id"] for info in pipe.info]

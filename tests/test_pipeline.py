@@ -35,7 +35,8 @@ from ray_fixtures import (
     wait_until,
 )
 
-from pipeline import cli, ray_engine, transport_bench
+from pipeline import cli, ray_engine
+from pipeline.bench import transport as transport_bench
 from pipeline.config import TrainConfig
 from pipeline.data import ClipSampler, MicroBatch
 from pipeline.ray_engine import PlacementError, StageError, StagePipeline, run_ray
@@ -291,7 +292,7 @@ def test_transport_bench_measures_every_transport_against_memcpy(ray_local: None
     rows = transport_bench.hop_costs(sizes=[64 * 1024], rounds=3, warmup=1)
 
     (row,) = rows
-    assert set(row.ms) == {*transport_bench.TRANSPORTS, "memcpy"}
+    assert set(row.ms) == {*transport_bench.TRANSPORTS, "memcpy", "memcpy-new"}
     assert all(ms > 0 for ms in row.ms.values())
     assert row.ms["memcpy"] < min(row.ms[t] for t in transport_bench.TRANSPORTS)  # the floor
     assert transport_bench.hop_table(rows).splitlines()[2].startswith("| 64 KB |")

@@ -1,7 +1,9 @@
 """Measurements behind the Ray engine's design: what one stage-to-stage hop costs, and what pipelining buys.
 
-    python -m pipeline.transport_bench hops          per-hop cost of activation transports vs memcpy
-    python -m pipeline.transport_bench throughput    S pipeline stages vs the sequential loop (default S = 2)
+    python -m pipeline.bench.transport hops          per-hop cost of activation transports vs memcpy
+    python -m pipeline.bench.transport throughput    S pipeline stages vs the sequential loop (default S = 2)
+
+`lamina bench` (pipeline/bench/suite.py) runs `hop_costs` next to its throughput and memory measurements.
 
 Hop: the time from a producer actor handing over an activation (just before it returns / puts it) to a
 consumer actor holding a usable array (first line of its method), both read from time.time() on one
@@ -13,6 +15,7 @@ machine, median over rounds after warm-up. Transports:
   queue         numpy array put by value on a ray.util.queue.Queue (itself an actor: the item is
                 deserialised and re-serialised inside it) and taken by the consumer
   memcpy        numpy copy of the same bytes in one process: the floor any transport is measured against
+  memcpy-new    the same copy into a newly allocated array: with the page faults of first-touched memory
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 KB, MB = 1024, 1024 * 1024
-SIZES = (64 * KB, 1 * MB, 16 * MB)
+SIZES = (64 * KB, 1 * MB, 16 * MB, 64 * MB)
 TRANSPORTS = ("numpy-ref", "torch-ref", "queue")
 
 
@@ -79,8 +82,12 @@ class HopRow:
     ms: dict[str, float]  # transport -> median hop in milliseconds; "memcpy" included
 
 
-def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3) -> list[HopRow]:
+def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
+              transports: Sequence[str] = TRANSPORTS) -> list[HopRow]:
     """Median per-hop cost of each transport for each payload size (needs a connected Ray)."""
+    unknown = set(transports) - set(TRANSPORTS)
+    if unknown:
+        raise ValueError(f"unknown transports {sorted(unknown)}; known: {list(TRANSPORTS)}")
     from ray.util.queue import Queue
 
     # Handles typed Any: Ray's stubs do not follow methods through ray.remote(cls).
@@ -90,7 +97,7 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3) -
     rows = []
     for nbytes in sizes:
         ms: dict[str, float] = {}
-        for transport in TRANSPORTS:
+        for transport in transports:
             hops = []
             for r in range(warmup + rounds):
                 if transport == "queue":
@@ -105,6 +112,7 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3) -
                     hops.append(received - sent)
             ms[transport] = 1000 * statistics.median(hops)
         ms["memcpy"] = 1000 * _memcpy(nbytes, rounds)
+        ms["memcpy-new"] = 1000 * _memcpy(nbytes, rounds, fresh=True)
         rows.append(HopRow(nbytes, ms))
         logger.info("%s: %s", _size(nbytes), ms)
     for actor in (producer, consumer):
@@ -113,19 +121,25 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3) -
     return rows
 
 
-def _memcpy(nbytes: int, rounds: int) -> float:
+def _memcpy(nbytes: int, rounds: int, fresh: bool = False) -> float:
+    """Median seconds to copy nbytes into a warm buffer, or (fresh) into a newly allocated one: large
+    allocations are new pages from the kernel, so that copy also pays the page faults a write into memory
+    not touched before does."""
     src = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
     times = []
     for _ in range(rounds + 3):
         t = time.perf_counter()
-        np.copyto(dst, src)
+        if fresh:
+            dst = src.copy()
+        else:
+            np.copyto(dst, src)
         times.append(time.perf_counter() - t)
     return statistics.median(times[3:])
 
 
 def hop_table(rows: Sequence[HopRow]) -> str:
-    names = [*TRANSPORTS, "memcpy"]
+    names = [n for n in (*TRANSPORTS, "memcpy", "memcpy-new") if n in rows[0].ms]
     lines = ["| payload | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in rows:
         lines.append(f"| {_size(row.nbytes)} | " + " | ".join(_ms(row.ms[n]) for n in names) + " |")
@@ -223,7 +237,7 @@ def throughput_table(rows: Sequence[ThroughputRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.transport_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.transport", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="hops", choices=("hops", "throughput"))
     parser.add_argument("--sizes-kb", default="64,1024,16384", help="hops: payload sizes in KB")

@@ -1,0 +1,210 @@
+"""The bench's questions on one CUDA device, in under 5 minutes: `python -m pipeline.bench.gpu_check`.
+
+    1. per-stage step time on the GPU (the default network, split into S = 1, 2, 4 stages), CUDA-synchronised;
+    2. per-hop transfer of an activation of each stage boundary's size:
+         d2d        torch cuda tensor .clone() on the device (what a same-GPU hand-over could cost)
+         d2h2d      the engine's transport as it is: .cpu().numpy() in the producer, torch.from_numpy().cuda()
+                    in the consumer (two PCIe copies; Ray's object store adds one host copy, measured in
+                    `lamina bench`)
+         ray-numpy  the same through two Ray actors on the GPU (numpy by object ref): producer's .cpu().numpy()
+                    to the consumer holding a cuda tensor, median over rounds
+    3. efficiency of S stages sharing the one GPU: the Ray pipeline with num_gpus = 1/S per stage
+       (fractional GPUs: all S actors on the one device, separate CUDA contexts) against
+       1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency].
+
+Exits 2 with a message when no CUDA device is visible. Prints one table; `--json PATH` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+LAYERS = "conv:32,conv:64,conv:128,mlp:256"
+
+
+def _sync_time(fn: Any, warmup: int, steps: int) -> float:
+    """Median seconds of fn() with a CUDA sync on both sides of each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def stage_times(spec: Any, clips: int, clip_len: int, ranges: list[tuple[int, int]], warmup: int, steps: int,
+                ) -> dict[tuple[int, int], float]:
+    from workers.layers import normalise, output_shapes
+    from workers.learner import Stage
+
+    shapes = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)]
+    out = {}
+    for first, last in ranges:
+        stage = Stage.layer_local(spec, first, last, "cuda")
+        x = normalise(torch.randn(clips * clip_len, *shapes[first], device="cuda")).view(clips, clip_len,
+                                                                                          *shapes[first])
+        out[(first, last)] = _sync_time(lambda s=stage, x=x: s.step(x), warmup, steps)
+    return out
+
+
+def transfer_times(nbytes: int, rounds: int) -> dict[str, float]:
+    x = torch.randn(nbytes // 4, device="cuda")
+    d2d = _sync_time(lambda: x.clone(), 3, rounds)
+    d2h2d = _sync_time(lambda: torch.from_numpy(x.cpu().numpy()).cuda(), 3, rounds)
+    return {"d2d": d2d, "d2h2d": d2h2d}
+
+
+class _Producer:
+    def __init__(self, nbytes: int) -> None:
+        self.x = torch.randn(nbytes // 4, device="cuda")
+
+    def emit(self) -> tuple[np.ndarray, float]:
+        torch.cuda.synchronize()
+        t = time.time()
+        return self.x.cpu().numpy(), t
+
+
+class _Consumer:
+    def take(self, x: np.ndarray) -> float:
+        y = torch.from_numpy(x).cuda()
+        torch.cuda.synchronize()
+        assert y.numel() > 0
+        return time.time()
+
+
+def ray_hop(nbytes: int, rounds: int) -> float:
+    import ray
+
+    producer: Any = ray.remote(num_gpus=0.5, num_cpus=0)(_Producer).remote(nbytes)
+    consumer: Any = ray.remote(num_gpus=0.5, num_cpus=0)(_Consumer).remote()
+    hops = []
+    for r in range(rounds + 3):
+        x, sent = producer.emit.options(num_returns=2).remote()
+        received = ray.get(consumer.take.remote(x))
+        if r >= 3:
+            hops.append(received - ray.get(sent))
+    ray.kill(producer)
+    ray.kill(consumer)
+    return statistics.median(hops)
+
+
+def pipeline_rate(stages: int, clips: int, steps: int, warmup: int) -> float:
+    """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (num_gpus = 1/S).
+
+    The engine asks for one whole GPU per stage when it sees one (DESIGN decision 5), so the stages are
+    started here with a fractional GPU each through the engine's own actor class.
+    """
+    import ray
+
+    from pipeline.config import TrainConfig
+    from pipeline.data import ClipSampler, load_videos
+    from pipeline.stage_actor import remote_stage_class
+    from workers.learner import stage_ranges
+
+    n = len(LAYERS.split(","))
+    cfg = TrainConfig(layers=LAYERS, clips=clips, steps=warmup + steps + 1, layers_per_stage=n // stages)
+    videos = load_videos(cfg.data, cfg.size, "train")
+    spec = cfg.learner_spec(videos.frame_shape)
+    sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
+    ranges = stage_ranges(n, cfg.layers_per_stage)
+    cls = remote_stage_class()
+    actors = [cls.options(num_gpus=1 / stages, num_cpus=1, max_concurrency=1).remote(
+        spec, a, b, k, "gpu-check", 1, f"gpu-check-{k}") for k, (a, b) in enumerate(ranges)]
+    info = ray.get([a.info.remote() for a in actors])
+    if any(i["device"] != "cuda" for i in info):
+        raise RuntimeError(f"a stage did not get the GPU: {info}")
+    # The chained calls of [Note: channels], admission window D = 2, as the engine drives them.
+    ends: dict[int, float] = {}
+    pending: list[Any] = []
+    for m in range(cfg.steps):
+        x: Any = sampler.batch(m).frames.numpy()
+        for k, actor in enumerate(actors):
+            x, report = actor.step.remote(m, x, k + 1 < len(actors))
+        pending.append((m, report))
+        while len(pending) > 2:
+            j, ref = pending.pop(0)
+            ray.get(ref)
+            ends[j] = time.perf_counter()
+    for j, ref in pending:
+        ray.get(ref)
+        ends[j] = time.perf_counter()
+    for a in actors:
+        ray.kill(a)
+    last = max(ends)
+    return (last - warmup) / (ends[last] - ends[warmup])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=64, help="B: clips per micro-batch (x 8 frames)")
+    parser.add_argument("--steps", type=int, default=40, help="steady-state micro-batches per measurement")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); "
+              "run this on a GPU machine", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from pipeline.config import TrainConfig
+    from workers.layers import output_shapes
+
+    t0 = time.perf_counter()
+    torch.backends.cudnn.benchmark = False  # the stage actors run with the default: measure what they run
+    n = len(LAYERS.split(","))
+    cfg = TrainConfig(layers=LAYERS, clips=args.clips)
+    spec = cfg.learner_spec((1, cfg.size, cfg.size))
+    lines = [(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, B = {args.clips} x "
+             f"{cfg.clip_len} frames, {LAYERS}"), ""]
+
+    splits = {s: [(k, k + n // s) for k in range(0, n, n // s)] for s in (1, 2, 4)}
+    ranges = sorted({r for rs in splits.values() for r in rs})
+    t_iso = stage_times(spec, args.clips, cfg.clip_len, ranges, 5, args.steps)
+    lines += ["| layers | step ms (GPU, alone) |", "|---|---|"]
+    lines += [f"| {a}-{b - 1} | {t * 1e3:.2f} |" for (a, b), t in t_iso.items()]
+
+    shapes = output_shapes(spec.blocks, spec.in_shape)
+    sizes = sorted({args.clips * cfg.clip_len * int(np.prod(s)) * 4 for s in shapes[:-1]} | {64 << 20})
+    ray.init(include_dashboard=False, log_to_driver=False)
+    lines += ["", "| activation | d2d clone ms | d2h2d ms (.cpu().numpy(), .cuda()) | Ray numpy hop ms |",
+              "|---|---|---|---|"]
+    hops: dict[int, dict[str, float]] = {}
+    for nbytes in sizes:
+        hops[nbytes] = {**transfer_times(nbytes, 20), "ray-numpy": ray_hop(nbytes, 10)}
+        h = hops[nbytes]
+        lines.append(f"| {nbytes / 2**20:.2f} MB | {h['d2d'] * 1e3:.3f} | {h['d2h2d'] * 1e3:.3f} | "
+                     f"{h['ray-numpy'] * 1e3:.2f} |")
+
+    lines += ["", "| S (sharing the GPU) | mb/s | 1 / max t_iso | efficiency |", "|---|---|---|---|"]
+    rates = {}
+    for s, rs in splits.items():
+        rates[s] = pipeline_rate(s, args.clips, args.steps, 5)
+        ideal = 1 / max(t_iso[r] for r in rs)
+        lines.append(f"| {s} | {rates[s]:.2f} | {ideal:.2f} | {rates[s] / ideal:.2f} |")
+    lines.append(f"\ntook {time.perf_counter() - t0:.0f} s")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"t_iso_s": {f"{a}-{b - 1}": t for (a, b), t in t_iso.items()},
+                       "hops_s": hops, "rates": rates, "config": dataclasses.asdict(cfg)}, f, indent=1)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`lamina bench` machinery on tiny settings: every measurement present, sane, and written out.
+
+The real quick bench (`lamina bench --quick`, a minute or two) is marked slow; the GPU check is marked gpu.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray_fixtures import init_ray
+
+from pipeline import cli
+from pipeline.bench import suite
+from pipeline.bench.transport import KB, MB
+
+pytestmark = pytest.mark.timeout(120)
+
+TINY = suite.BenchConfig(layers="conv:8,conv:8", clips=4, clip_len=3, size=16, stages=(2,), scaling_clips=(4,),
+                         warmup=2, steps=3, repeats=1, hop_sizes=(64 * KB, 1 * MB), hop_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def test_bench_measures_everything_side_by_side(ray_local: None, tmp_path: Path) -> None:
+    res = suite.run_bench(TINY)
+    table = suite.write(res, tmp_path)
+
+    head = res["headline"]
+    assert head["stages"] == 2 and len(head["t_iso_s"]) == 2 and head["rate"] > 0
+    assert all(t > 0 for t in head["t_iso_s"])
+    assert 0 < head["efficiency"] < 1.5
+    assert 0 < head["bottleneck_busy_fraction"] <= 1.05
+    assert set(head["baselines"]) == {"sequential 1t", f"sequential {TINY.cores}t", f"e2e {TINY.cores}t"}
+    assert all(v > 0 for v in head["baselines"].values())
+    assert [(s["stages"], s["clips"]) for s in res["scaling"]] == [(2, 4)]
+    assert all(s["rate"] > 0 and 0 < s["efficiency"] < 1.5 for s in res["scaling"])
+    memory = res["memory"][4]
+    assert set(memory) == {"layers 0-0", "layers 1-1", "e2e 0-1"}
+    assert all(mb > -1 for mb in memory.values())  # tiny layers: the peak may be within the allocator slack
+    assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
+    assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
+
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert on_disk["headline"]["rate"] == pytest.approx(head["rate"])
+    assert (tmp_path / "bench.md").read_text().strip() == table.strip()
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "pipeline efficiency" in table and "| 1 MB |" in table
+
+
+def test_bench_config_rejects_uneven_splits() -> None:
+    with pytest.raises(ValueError, match="divide"):
+        suite.BenchConfig(layers="conv:8,conv:8,conv:8", stages=(2,))
+
+
+def test_bench_cli_parses() -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+
+
+@pytest.mark.slow
+def test_quick_bench_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--quick", "--out", str(tmp_path)],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "bench.json").read_text())["headline"]["efficiency"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_check_runs() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = subprocess.run([sys.executable, "-m", "pipeline.bench.gpu_check", "--steps", "10"], check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "efficiency" in out.stdout
+
+
+def test_gpu_check_fails_clearly_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    out = subprocess.run([sys.executable, "-m", "pipeline.bench.gpu_check"], check=False, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "no CUDA device" in out.stderr

@@ -1,0 +1,216 @@
+"""The Ray engine under failure: barrier checkpoints taken while the stages run, a lost stage actor
+(`ray.kill`, or its worker process SIGKILLed) recovered with every micro-batch applied exactly once and
+the uninterrupted run's weights bit for bit, a failure that recurs stopping the run, and stop + resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import resource
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from ray_fixtures import (
+    Recorder,
+    init_ray,
+    run_actors,
+    sequential,
+    setup,
+    state_differences,
+    tiny_config,
+    tiny_npz,
+)
+
+from pipeline.checkpoint import Checkpointing, CheckpointStore, RunControl
+from pipeline.config import TrainConfig
+from pipeline.ray_engine import RecoveryError, StageError, StagePipeline, run_ray
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_npz(tmp_path_factory.mktemp("data"), size=8)
+
+
+def small(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:
+    fields: dict[str, Any] = {"layers": "conv:4,conv:4,conv:4", "size": 8, "clips": 4, "clip_len": 3,
+                              "steps": 16, "checkpoint_every": 3, "run_dir": str(tmp_path / "run")}
+    fields.update(overrides)
+    return tiny_config(data, **fields)
+
+
+def kill(pipe: StagePipeline, k: int, how: str) -> bool:
+    """Kill stage k; False when it was already dead (an earlier kill the driver has not noticed yet)."""
+    if how == "ray.kill":
+        ray.kill(pipe.actors[k])
+        return True
+    try:  # the worker process dies as on an OOM kill or a crash: no goodbye to Ray
+        pid = ray.get(pipe.actors[k].info.remote())["pid"]
+    except ray.exceptions.RayActorError:
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def run_with_kills(cfg: TrainConfig, kills: dict[int, tuple[int, str]],
+                   store: CheckpointStore) -> tuple[list[dict], list[Any], Recorder, StagePipeline, int]:
+    """Train cfg, killing stage k (how) right after on_step has seen micro-batch m, for m in `kills`."""
+    spec, sampler = setup(cfg)
+    pipe = StagePipeline(cfg, spec, checkpointing=Checkpointing(store, cfg.checkpoint_every))
+    calls = Recorder(lambda m: killed.append(kill(pipe, *kills[m])) if m in kills else None)
+    killed: list[bool] = []
+    with pipe:
+        pipe.train(sampler, 0, cfg.steps, calls)
+        return pipe.states(), pipe.ledgers(), calls, pipe, sum(killed)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_a_killed_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: None, data: str, tmp_path: Path,
+                                                                  how: str, seed: int) -> None:
+    cfg = small(data, tmp_path)
+    rng = random.Random(f"{how}-{seed}")
+    points = sorted(rng.sample(range(1, cfg.steps - 1), 2))  # on_step m after which a stage dies
+    kills = {m: (rng.randrange(3), how) for m in points}
+    store = CheckpointStore(str(tmp_path / "ck"), keep=cfg.keep_checkpoints)
+
+    states, ledgers, calls, pipe, effective = run_with_kills(cfg, kills, store)
+
+    # A recovery per kill, except that a kill landing before the driver noticed the previous death (its
+    # on_step calls for finished micro-batches still arrive) is absorbed by the same recovery.
+    assert 1 <= effective and 1 <= pipe.recoveries <= len(kills), (kills, effective, pipe.recoveries)
+
+    assert [m for m, _ in calls.calls] == list(range(cfg.steps))  # on_step: each micro-batch once, in order
+    assert all(lg.exactly_once(cfg.steps) for lg in ledgers), (kills, ledgers)
+    assert state_differences(states, sequential(cfg, setup(cfg)[1])) == [], kills
+    final = store.load_latest()  # the end-of-run checkpoint holds the same ledger
+    assert final is not None and final.step == cfg.steps
+    assert all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
+    assert len(store.steps()) <= cfg.keep_checkpoints
+    assert run_actors(pipe.run) == []
+
+
+class KillOnBatch:
+    """A sampler that kills stage 1 every time micro-batch `m` is drawn: a failure that recurs on replay."""
+
+    def __init__(self, sampler: Any, m: int) -> None:
+        self.sampler, self.m, self.pipe, self.kills = sampler, m, None, 0
+
+    def batch(self, m: int) -> Any:
+        if m == self.m and self.pipe is not None:
+            self.kills += 1
+            ray.kill(self.pipe.actors[1])
+        return self.sampler.batch(m)
+
+
+def test_a_failure_that_recurs_stops_the_run_instead_of_looping(ray_local: None, data: str,
+                                                                 tmp_path: Path) -> None:
+    cfg = small(data, tmp_path, steps=10, checkpoint_every=2)
+    spec, sampler = setup(cfg)
+    store = CheckpointStore(str(tmp_path / "ck"))
+    poisoned = KillOnBatch(sampler, 6)
+    with StagePipeline(cfg, spec, checkpointing=Checkpointing(store, cfg.checkpoint_every)) as pipe:
+        pipe.max_recoveries = 1
+        poisoned.pipe = pipe
+        with pytest.raises(RecoveryError, match=r"failures in a row without progress") as info:
+            pipe.train(poisoned, 0, cfg.steps, Recorder())  # type: ignore[arg-type]
+    assert isinstance(info.value.__cause__, StageError)
+    assert poisoned.kills == pipe.recoveries + 1 <= 1 + 4  # bounded: no endless loop
+    assert store.latest_complete() is not None and store.latest_complete() <= 6  # type: ignore[operator]
+
+
+def test_an_application_error_is_not_retried(ray_local: None, data: str, tmp_path: Path) -> None:
+    import math
+
+    import torch
+
+    class NaNAt:
+        def __init__(self, sampler: Any) -> None:
+            self.sampler = sampler
+
+        def batch(self, m: int) -> Any:
+            b = self.sampler.batch(m)
+            return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == 4 else b
+
+    cfg = small(data, tmp_path, steps=8)
+    spec, sampler = setup(cfg)
+    with StagePipeline(cfg, spec, checkpointing=Checkpointing(CheckpointStore(str(tmp_path / "ck")), 2)) as pipe:
+        with pytest.raises(StageError, match="micro-batch 4: FloatingPointError") as info:
+            pipe.train(NaNAt(sampler), 0, cfg.steps, Recorder())  # type: ignore[arg-type]
+        assert type(info.value) is StageError and pipe.recoveries == 0
+
+
+def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_local: None, data: str,
+                                                                            tmp_path: Path) -> None:
+    cfg = small(data, tmp_path, steps=14, checkpoint_every=0)
+    spec, sampler = setup(cfg)
+    store = CheckpointStore(str(tmp_path / "ck"), keep=5)
+    control = RunControl()
+    ck = Checkpointing(store, 0, control)
+
+    def hook(m: int) -> None:
+        if m == 2:
+            control.request_checkpoint()  # the Python side of SIGUSR1
+        if m == 6:
+            control.request_stop()  # the first Ctrl-C
+
+    run_ray(cfg, spec, sampler, Recorder(hook), checkpointing=ck)
+    stopped = control.stopped_at
+    assert stopped is not None and 7 <= stopped < cfg.steps
+    complete = store.complete()
+    assert complete[0] == 0 and complete[-1] == stopped and len(complete) == 3, complete  # init, requested, stop
+
+    ckpt = store.load_latest()
+    assert ckpt is not None and all(lg.exactly_once(stopped) for lg in ckpt.ledgers)
+    calls = Recorder()
+    resumed = run_ray(cfg, spec, sampler, calls, ckpt.step, ckpt.learners, Checkpointing(store, 0, ledgers=ckpt.ledgers))
+    assert [m for m, _ in calls.calls] == list(range(stopped, cfg.steps))
+    assert state_differences(resumed, sequential(cfg, sampler)) == []
+    final = store.load_latest()
+    assert final is not None and all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_soak_periodic_checkpoints_and_random_kills(ray_local: None, data: str, tmp_path: Path) -> None:
+    """Minutes long: many micro-batches, a kill every ~40 of them; memory and the checkpoint directory
+    stay bounded, and the result is still the uninterrupted run's."""
+    cfg = small(data, tmp_path, steps=600, checkpoint_every=10, keep_checkpoints=3)
+    rng = random.Random(7)
+    kills = {m: (rng.randrange(3), rng.choice(["ray.kill", "SIGKILL"])) for m in range(25, cfg.steps - 5, 40)}
+    store = CheckpointStore(str(tmp_path / "ck"), keep=cfg.keep_checkpoints)
+    rss: list[int] = []
+    sizes: list[int] = []
+
+    def watch(m: int) -> None:
+        if m % 20 == 0:
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            sizes.append(len(store.steps()))
+
+    spec, sampler = setup(cfg)
+    pipe = StagePipeline(cfg, spec, checkpointing=Checkpointing(store, cfg.checkpoint_every))
+    calls = Recorder(lambda m: (watch(m), kill(pipe, *kills[m]) if m in kills else None))
+    pipe.max_recoveries = 10
+    with pipe:
+        pipe.train(sampler, 0, cfg.steps, calls)
+        states, ledgers = pipe.states(), pipe.ledgers()
+    assert 1 <= pipe.recoveries <= len(kills)
+    assert all(lg.exactly_once(cfg.steps) for lg in ledgers)
+    assert state_differences(states, sequential(cfg, sampler)) == []
+    assert max(sizes) <= cfg.keep_checkpoints + 1  # keep-last, plus one being written
+    half = len(rss) // 2
+    assert rss[-1] - rss[half] < 64 * 1024, rss  # KiB: the driver's peak RSS stops growing
