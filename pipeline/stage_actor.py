@@ -4,7 +4,7 @@ The stage logic is `workers.learner.Stage`, plain torch. `StageWorker` hosts one
 and adds only what crossing a process boundary needs:
 
   - arrays in, arrays out: activations travel as numpy arrays, which Ray's object store hands to the
-    next stage without a copy (torch tensors are pickled by value — see pipeline/transport_bench.py);
+    next stage without a copy (torch tensors are pickled by value — see pipeline/bench/transport.py);
   - the device (cuda when Ray gave the actor a GPU) and the thread count (its CPU reservation);
   - a `StepReport` per micro-batch: the layers' metrics and the busy interval, small, no tensors;
   - the stage's gauges (pipeline/telemetry.py);
