@@ -13,14 +13,13 @@ reflects off the walls, so it is always wholly visible; the label of every frame
 
 from __future__ import annotations
 
-import os
 import zipfile
 
 import numpy as np
 import torch
 
 from pipeline.data.synthetic import OptionSpec, parse_options
-from pipeline.data.videos import DataError, Videos, from_array
+from pipeline.data.videos import DataError, Videos, from_array, open_npz
 
 CANVAS = 64  # the usual Moving MNIST frame, before resizing to --size
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
@@ -95,16 +94,7 @@ def _paste(digits: np.ndarray, top: np.ndarray, left: np.ndarray) -> np.ndarray:
 
 def _load_digits(path: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one split's digits; every problem raises DataError naming the file."""
-    if not path:
-        raise DataError("moving-mnist: no path given (use moving-mnist:PATH)")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz archive ({e})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: holds a single .npy array, not an .npz archive with {', '.join(REQUIRED)}")
+    archive = open_npz(path, "moving-mnist")
     with archive:
         found = sorted(archive.files)
         missing = [k for k in REQUIRED if k not in found]

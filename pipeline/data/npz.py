@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 
 import numpy as np
 
-from pipeline.data.videos import DataError, Videos, from_array
+from pipeline.data.videos import DataError, Videos, from_array, open_npz
 
 
 def npz_videos(path: str, size: int) -> Videos:
@@ -17,16 +16,7 @@ def npz_videos(path: str, size: int) -> Videos:
     turntable archive: images (O, V, H, W[, C]) uint8, labels (O, V); view V-1 neighbours view 0
     Frames may also be float in [0, 1].
     """
-    if not path:
-        raise DataError("npz: no path given (use npz:PATH)")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz archive ({e})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: a single .npy array, not an .npz archive of named arrays")
+    archive = open_npz(path, "npz")
     with archive:
         keys = set(archive.files)
         if "frames" in keys:

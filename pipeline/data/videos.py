@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,21 @@ class Videos:
     def frame_shape(self) -> tuple[int, int, int]:
         c, h, w = self.frames.shape[2:]
         return (int(c), int(h), int(w))
+
+
+def open_npz(path: str, kind: str) -> np.lib.npyio.NpzFile:
+    """np.load an .npz archive for the `kind:PATH` data spec; every problem raises DataError naming the file."""
+    if not path:
+        raise DataError(f"{kind}: no path given (use {kind}:PATH)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz archive ({e})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds a single .npy array, not an .npz archive of named arrays")
+    return archive
 
 
 def from_array(name: str, frames: np.ndarray, labels: np.ndarray, wrap: bool, size: int) -> Videos:
