@@ -66,13 +66,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="continue RUN_DIR from its last complete checkpoint, with its config (other flags ignored)")
 
 
+def _add_split(p: argparse.ArgumentParser) -> None:
+    """The probe's labelled split: frame indices in every sequence, or a fraction of the sequences."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--probe-views", type=_ints, default=None, help="labelled frame indices, e.g. 0,18,36,54")
+    g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
+
+
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="linear and 1-NN probes per layer, next to random init")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--data", default=None, help="data spec (default: the run's)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--probe-views", type=_ints, default=None, help="labelled frame indices, e.g. 0,18,36,54")
-    g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
+    _add_split(p)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -88,9 +93,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--probe-views", type=_ints, default=None, help="labelled frame indices, e.g. 0,18,36,54")
-    g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
+    _add_split(p)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
