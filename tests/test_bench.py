@@ -41,7 +41,9 @@ def test_bench_measures_everything_side_by_side(ray_local: None, tmp_path: Path)
     assert head["stages"] == 2 and len(head["t_iso_s"]) == 2 and head["rate"] > 0
     assert all(t > 0 for t in head["t_iso_s"])
     assert 0 < head["efficiency"] < 1.5
-    assert 0 < head["bottleneck_busy_fraction"] <= 1.05
+    # Three measured micro-batches: the sink's completion window can be shorter than the bottleneck's summed
+    # busy time (work queued before the window), so the fraction gets the same sanity bound as efficiency.
+    assert 0 < head["bottleneck_busy_fraction"] < 1.5
     assert set(head["baselines"]) == {"sequential 1t", f"sequential {TINY.cores}t", f"e2e {TINY.cores}t"}
     assert all(v > 0 for v in head["baselines"].values())
     assert [(s["stages"], s["clips"]) for s in res["scaling"]] == [(2, 4)]
