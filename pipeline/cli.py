@@ -49,7 +49,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=D.size, help="frames are resized to SIZE x SIZE")
     p.add_argument("--lr", type=float, default=D.lr)
     p.add_argument("--head", type=_head, default=D.head, help="projection head HIDDEN,OUT or none")
-    p.add_argument("--loss-grid", type=int, default=D.loss_grid, help="pooling grid before the loss")
+    p.add_argument("--loss-grid", type=_ints, default=(),
+                   help="pooling grid before the loss, one value or one per layer (default: 4,2,..)")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--run-dir", default="", help="output directory (default runs/<time>)")
     p.add_argument("--layers-per-stage", type=int, default=D.layers_per_stage)
@@ -87,11 +88,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="train and probe a named set of variants side by side")
-    p.add_argument("name", help="objectives | deltas")
+    p.add_argument("name", help="objectives | deltas | settings")
     p.add_argument("--data", required=True, help="data spec")
     p.add_argument("--out", required=True, help="study directory (resumes: finished variants are kept)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="sequential", choices=ENGINES,
+                   help="engine of the variants that do not name one (sequential: bit-identical to ray)")
+    p.add_argument("--loss-grid", type=_ints, default=(), help="loss grid of the variants that do not name one")
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
     _add_split(p)
 
@@ -159,7 +163,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from pipeline.study import format_study, run_study
 
         only = args.only.split(",") if args.only else None
-        results = run_study(args.name, args.out, {"data": args.data, "steps": args.steps, "seed": args.seed},
+        results = run_study(args.name, args.out, {"data": args.data, "steps": args.steps, "seed": args.seed,
+                                                       "engine": args.engine, "loss_grid": args.loss_grid},
                             *_probe_split(args), only)
         print(format_study(results))
         print(f"wrote {args.out}/study.json, study.md, study.png")

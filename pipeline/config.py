@@ -23,12 +23,18 @@ def default_deltas(n: int) -> tuple[float, ...]:
     return tuple(round(0.5 - 0.4 * k / (n - 1), 4) for k in range(n))
 
 
+def default_loss_grids(n: int) -> tuple[int, ...]:
+    """Where each layer's loss pools its maps: 2x2 below the top, global at the top (`lamina study settings`
+    measured it: the lower layers learn more from a 2x2 grid, the top layer more from global pooling)."""
+    return (2,) * (n - 1) + (1,)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "synthetic"  # data spec: synthetic[:OPTIONS] | moving-mnist:PATH | npz:PATH
     objective: str = "clip-nce"  # local objective, a name in workers.objectives.OBJECTIVES
     engine: str = "ray"  # ray (asynchronous pipeline) | sequential (layer-local loop) | e2e (backprop)
-    steps: int = 400  # micro-batches to train on
+    steps: int = 3000  # micro-batches to train on (the learning-quality results need this many)
     layers: str = "conv:32,conv:64,conv:128"  # the network, bottom to top
     deltas: tuple[float, ...] = ()  # per-layer tolerance delta_k; empty: default_deltas (decreasing)
     clips: int = 16  # B: clips per micro-batch (distinct sequences where possible)
@@ -36,7 +42,8 @@ class TrainConfig:
     size: int = 32  # frames are resized to size x size
     lr: float = 1e-3  # Adam learning rate of every layer
     head: tuple[int, int] | None = (256, 64)  # per-layer projection head (hidden, out); None: loss on y
-    loss_grid: int = 1  # pool conv maps to grid x grid before the head and loss (1 = global)
+    loss_grid: tuple[int, ...] = ()  # per-layer grid: pool conv maps to g x g before the head and loss (1 =
+    # global); one value applies to every layer; empty: default_loss_grids
     seed: int = 0  # initialisation and data order
     run_dir: str = ""  # where config, metrics and checkpoint go; empty: runs/<time>
     # The Ray pipeline engine (pipeline/ray_engine.py):
@@ -56,6 +63,10 @@ class TrainConfig:
         object.__setattr__(self, "n_layers", len(blocks))
         if not self.deltas:
             object.__setattr__(self, "deltas", default_deltas(len(blocks)))
+        if not self.loss_grid:
+            object.__setattr__(self, "loss_grid", default_loss_grids(len(blocks)))
+        elif len(self.loss_grid) == 1:
+            object.__setattr__(self, "loss_grid", self.loss_grid * len(blocks))
         checks = [
             (self.objective in OBJECTIVES, f"--objective must be one of {sorted(OBJECTIVES)}", self.objective),
             (self.engine in ENGINES, f"--engine must be one of {list(ENGINES)}", self.engine),
@@ -68,7 +79,9 @@ class TrainConfig:
             (self.lr > 0, "--lr must be > 0", self.lr),
             (self.seed >= 0, "--seed must be >= 0", self.seed),
             (self.head is None or min(self.head) >= 1, "--head sizes must be >= 1", self.head),
-            (self.loss_grid >= 1, "--loss-grid must be >= 1", self.loss_grid),
+            (len(self.loss_grid) == len(blocks), f"--loss-grid needs one value or one per layer ({len(blocks)})",
+             self.loss_grid),
+            (all(g >= 1 for g in self.loss_grid), "--loss-grid must be >= 1", self.loss_grid),
             (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
@@ -94,6 +107,8 @@ class TrainConfig:
         d = dict(d)
         d.pop("n_layers", None)
         d["deltas"] = tuple(d.get("deltas", ()))
+        grid = d.get("loss_grid", ())
+        d["loss_grid"] = (grid,) if isinstance(grid, int) else tuple(grid)  # runs written before per-layer grids
         if d.get("head") is not None:
             d["head"] = tuple(d["head"])
         names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -33,6 +33,15 @@ STUDIES: dict[str, list[Variant]] = {
     # The seed's claim: earlier layers need a larger tolerance.
     "deltas": [("constant", {"deltas": (0.3, 0.3, 0.3)}), ("decreasing", {"deltas": (0.5, 0.3, 0.1)}),
                ("increasing", {"deltas": (0.1, 0.3, 0.5)}), ("none", {"deltas": (0.0, 0.0, 0.0)})],
+    # The other settings, one at a time from the defaults: where the loss pools, clip length, head,
+    # learning rate, width and depth; with the default on the Ray pipeline (it must equal the sequential
+    # loop) and end to end (the top-layer target).
+    "settings": [("default", {}), ("default-ray", {"engine": "ray"}), ("default-e2e", {"engine": "e2e"}),
+                 ("grid-1", {"loss_grid": (1,)}), ("grid-2", {"loss_grid": (2,)}), ("grid-4", {"loss_grid": (4,)}),
+                 ("clip-len-4", {"clip_len": 4}), ("no-head", {"head": None}), ("lr-3e-4", {"lr": 3e-4}),
+                 ("steps-1000", {"steps": 1000}),
+                 ("wide", {"layers": "conv:64,conv:128,conv:256"}),
+                 ("deep", {"layers": "conv:32,conv:64,conv:128,conv:256"})],
 }
 
 
@@ -68,14 +77,21 @@ def format_study(results: list[dict]) -> str:
     head = "| variant | " + " | ".join(f"layer {k + 1}" for k in range(n)) + " |"
     rows = [head, "|---|" + "---|" * n]
     first = results[0]["probe"]
-    rows.append("| random init | " + " | ".join(f"{100 * r['linear_random']:.1f}" for r in first["layers"])
-                + " |")
+    networks = list(dict.fromkeys(r["config"]["layers"] for r in results))
+    for net in networks:  # each network's random-init twin (the same for every variant of that network)
+        twin = next(r["probe"] for r in results if r["config"]["layers"] == net)
+        label = "random init" + (f" ({net})" if len(networks) > 1 else "")
+        rows.append(_row(label, [f"{100 * x['linear_random']:.1f}" for x in twin["layers"]], n))
     for r in results:
         cells = [f"{100 * x['linear']:.1f} ({100 * (x['linear'] - x['linear_random']):+.1f})"
                  for x in r["probe"]["layers"]]
-        rows.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        rows.append(_row(r["label"], cells, n))
     return (f"linear probe, % ({first['split']} on {first['data']}); in brackets: gain over the same "
             f"network at random init\n\n" + "\n".join(rows))
+
+
+def _row(label: str, cells: list[str], n: int) -> str:
+    return f"| {label} | " + " | ".join(cells + [""] * (n - len(cells))) + " |"
 
 
 def plot_study(results: list[dict], path: Path) -> None:

@@ -13,7 +13,8 @@ from workers.objectives import OBJECTIVES, get_objective
 def spec(objective: str = "nce", head: tuple[int, int] | None = (16, 8), layers: str = "conv:4,conv:6,mlp:8",
          seed: int = 0) -> LearnerSpec:
     blocks = parse_blocks(layers)
-    return LearnerSpec(blocks, (1, 8, 8), objective, tuple(0.1 for _ in blocks), 1e-2, head, 1, seed)
+    return LearnerSpec(blocks, (1, 8, 8), objective, tuple(0.1 for _ in blocks), 1e-2, head,
+                       tuple(1 for _ in blocks), seed)
 
 
 def clips(b: int = 4, t: int = 3, seed: int = 1) -> torch.Tensor:
@@ -62,6 +63,18 @@ def test_end_to_end_learner_trains_every_block() -> None:
     e2e = LocalLearner(spec(), 0, 3)
     e2e.step(clips())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in e2e.blocks.parameters())
+
+
+def test_each_learner_pools_its_loss_on_its_own_grid() -> None:
+    s = spec(head=None, layers="conv:4,conv:6")
+    s = LearnerSpec(s.blocks, s.in_shape, s.objective, s.deltas, s.lr, s.head, (4, 2), s.seed)
+    x = clips()
+    seen = []
+    for first, last in [(0, 1), (1, 2), (0, 2)]:  # the end-to-end learner pools like its top block
+        learner = LocalLearner(s, first, last)
+        learner.objective = lambda e, delta, inner=learner.objective: seen.append(e.shape[-1]) or inner(e, delta)
+        learner.step(x if first == 0 else LocalLearner(s, 0, 1).step(x)[0])
+    assert seen == [4 * 4 * 4, 6 * 2 * 2, 6 * 2 * 2]
 
 
 def test_init_is_independent_of_stage_grouping() -> None:

@@ -90,12 +90,15 @@ def test_split_by_views_and_by_fraction(seq_npz: str) -> None:
 def test_config_errors_name_the_flag() -> None:
     for kwargs, flag in [({"queue_depth": 0}, "--queue-depth"), ({"steps": 0}, "--steps"),
                          ({"deltas": (0.1,)}, "--deltas"), ({"objective": "x"}, "--objective"),
-                         ({"clip_len": 1}, "--clip-len"), ({"layers": "conv:0"}, "--layers")]:
+                         ({"clip_len": 1}, "--clip-len"), ({"layers": "conv:0"}, "--layers"),
+                         ({"loss_grid": (2, 2)}, "--loss-grid"), ({"loss_grid": (0,)}, "--loss-grid")]:
         with pytest.raises(ValueError, match=flag):
             TrainConfig(**kwargs)
     assert default_deltas(3) == (0.5, 0.3, 0.1)
     cfg = TrainConfig(deltas=(0.2, 0.2, 0.2))
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert TrainConfig(loss_grid=(2,)).loss_grid == (2, 2, 2)  # one value: every layer
+    assert TrainConfig.from_dict({"loss_grid": 1}).loss_grid == (1, 1, 1)  # a config.json of an older run
 
 
 def test_cli_train_and_probe(tmp_path: Path, seq_npz: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,3 +120,25 @@ def test_cli_train_and_probe(tmp_path: Path, seq_npz: str, capsys: pytest.Captur
 def test_cli_reports_bad_input_clearly(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_study_tables_every_variant_with_its_own_twin_and_resumes(tmp_path: Path, seq_npz: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import study
+
+    variants = [("a", {"loss_grid": (1,)}), ("grid-2", {"loss_grid": (2,)}), ("deep", {"layers": "conv:4,conv:8,conv:8"})]
+    monkeypatch.setitem(study.STUDIES, "tiny", variants)
+    base = {**TINY, "data": f"npz:{seq_npz}", "steps": 3}
+    results = study.run_study("tiny", tmp_path, base, views=(0, 5), fraction=None)
+    assert [r["label"] for r in results] == ["a", "grid-2", "deep"]
+    assert results[1]["config"]["loss_grid"] == (2, 2)
+    table = (tmp_path / "study.md").read_text()
+    # Two networks, so two random-init rows; the deep one has a third column the others leave empty.
+    assert "| random init (conv:4,conv:8) |" in table and "| random init (conv:4,conv:8,conv:8) |" in table
+    assert table.count("\n| ") == 1 + 2 + 3  # header, the twins, the variants
+    assert (tmp_path / "study.png").stat().st_size > 0
+    stamp = (tmp_path / "a" / "probe.json").stat().st_mtime_ns
+    study.run_study("tiny", tmp_path, base, views=(0, 5), fraction=None)  # resumes: nothing is retrained
+    assert (tmp_path / "a" / "probe.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="unknown variants"):
+        study.run_study("tiny", tmp_path, base, views=(0, 5), fraction=None, only=["nope"])

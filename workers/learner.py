@@ -39,7 +39,7 @@ class LearnerSpec:
     deltas: tuple[float, ...]  # per block tolerance delta_k
     lr: float  # Adam learning rate of every learner
     head: tuple[int, int] | None  # (hidden, out) of the per-layer projection head, or None: loss on pooled y
-    loss_grid: int  # pool conv maps to loss_grid x loss_grid before the head / loss
+    loss_grid: tuple[int, ...]  # per block: pool conv maps to g x g before the head / loss
     seed: int  # initialisation seed; block k is initialised from (seed, k) wherever it is built
 
 
@@ -53,6 +53,7 @@ class LocalLearner:
         self.device = torch.device(device)
         self.objective = get_objective(spec.objective)
         self.delta = spec.deltas[last - 1]
+        self.grid = spec.loss_grid[last - 1]
         shapes = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)]
         self.blocks = nn.ModuleList()
         for k in range(first, last):
@@ -62,7 +63,7 @@ class LocalLearner:
                 shape = shapes[k]
                 in_shape = (shape[0], shape[1], shape[2]) if len(shape) == 3 else (shape[0], 1, 1)
                 self.blocks.append(build_blocks((spec.blocks[k],), in_shape)[0])
-        feat = pooled_size(shapes[last], spec.loss_grid)
+        feat = pooled_size(shapes[last], self.grid)
         self.head: nn.Module | None = None
         if spec.head is not None:
             with torch.random.fork_rng(devices=[]):
@@ -89,7 +90,7 @@ class LocalLearner:
         assert not x.requires_grad, "a learner's input must arrive detached"
         b, t = x.shape[:2]
         y = self._top(x.flatten(0, 1))
-        e = pool_features(y, self.spec.loss_grid)
+        e = pool_features(y, self.grid)
         if self.head is not None:
             e = self.head(e)
         result = self.objective(e.view(b, t, -1), self.delta)
