@@ -42,8 +42,8 @@ class TrainConfig:
     size: int = 32  # frames are resized to size x size
     lr: float = 1e-3  # Adam learning rate of every layer
     head: tuple[int, int] | None = (256, 64)  # per-layer projection head (hidden, out); None: loss on y
-    loss_grid: tuple[int, ...] = ()  # per-layer grid: pool conv maps to g x g before the head and loss (1 =
-    # global); one value applies to every layer; empty: default_loss_grids
+    loss_grid: tuple[int, ...] = ()  # per layer, pool conv maps to g x g before head and loss (1: global);
+    # one value: every layer; empty: default_loss_grids
     seed: int = 0  # initialisation and data order
     run_dir: str = ""  # where config, metrics and checkpoint go; empty: runs/<time>
     # The Ray pipeline engine (pipeline/ray_engine.py):
