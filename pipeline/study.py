@@ -100,15 +100,22 @@ def plot_study(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours, markers = plt.get_cmap("tab20"), "osD^v<>p*h"
+    twins: dict[str, list[dict]] = {}
+    for i, r in enumerate(results):
         layers = [x["layer"] for x in r["probe"]["layers"]]
-        line, = ax.plot(layers, [100 * x["linear"] for x in r["probe"]["layers"]], "o-", label=r["label"])
-        ax.plot(layers, [100 * x["linear_random"] for x in r["probe"]["layers"]], ":", color=line.get_color())
-    ax.set(xlabel="layer", ylabel="linear probe accuracy (%)",
-           title=f"{results[0]['probe']['data']} — solid: learned, dotted: random init")
+        ax.plot(layers, [100 * x["linear"] for x in r["probe"]["layers"]], "-", marker=markers[i % len(markers)],
+                color=colours(i % 20), label=r["label"])
+        twins.setdefault(r["config"]["layers"], r["probe"]["layers"])
+    for k, (net, twin) in enumerate(twins.items()):  # one dotted line per network: its random-init twin
+        label = "random init" + (f" ({net})" if len(twins) > 1 else "")
+        ax.plot([x["layer"] for x in twin], [100 * x["linear_random"] for x in twin], ":", marker=".",
+                color=str(0.2 + 0.25 * k), label=label)
+    data = Path(results[0]["probe"]["data"].partition(":")[2] or results[0]["probe"]["data"]).name
+    ax.set(xlabel="layer", ylabel="linear probe accuracy (%)", title=f"{data} — learned (solid), random init (dotted)")
     ax.set_xticks(sorted({x["layer"] for r in results for x in r["probe"]["layers"]}))
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
