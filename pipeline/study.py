@@ -37,9 +37,10 @@ STUDIES: dict[str, list[Variant]] = {
     # learning rate, width and depth; with the default on the Ray pipeline (it must equal the sequential
     # loop) and end to end (the top-layer target).
     "settings": [("default", {}), ("default-ray", {"engine": "ray"}), ("default-e2e", {"engine": "e2e"}),
-                 ("grid-1", {"loss_grid": (1,)}), ("grid-2", {"loss_grid": (2,)}), ("grid-4", {"loss_grid": (4,)}),
-                 ("clip-len-4", {"clip_len": 4}), ("no-head", {"head": None}), ("lr-3e-4", {"lr": 3e-4}),
-                 ("steps-1000", {"steps": 1000}),
+                 ("e2e-grid-1", {"engine": "e2e", "loss_grid": (1,)}),
+                 ("grid-1", {"loss_grid": (1,)}), ("grid-2-2-1", {"loss_grid": (2, 2, 1)}),
+                 ("grid-4", {"loss_grid": (4,)}), ("clip-len-4", {"clip_len": 4}), ("no-head", {"head": None}),
+                 ("lr-3e-4", {"lr": 3e-4}), ("steps-1000", {"steps": 1000}),
                  ("wide", {"layers": "conv:64,conv:128,conv:256"}),
                  ("deep", {"layers": "conv:32,conv:64,conv:128,conv:256"})],
 }
