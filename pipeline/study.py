@@ -78,17 +78,24 @@ def format_study(results: list[dict]) -> str:
     head = "| variant | " + " | ".join(f"layer {k + 1}" for k in range(n)) + " |"
     rows = [head, "|---|" + "---|" * n]
     first = results[0]["probe"]
-    networks = list(dict.fromkeys(r["config"]["layers"] for r in results))
-    for net in networks:  # each network's random-init twin (the same for every variant of that network)
-        twin = next(r["probe"] for r in results if r["config"]["layers"] == net)
-        label = "random init" + (f" ({net})" if len(networks) > 1 else "")
-        rows.append(_row(label, [f"{100 * x['linear_random']:.1f}" for x in twin["layers"]], n))
+    twins = _twins(results)
+    for net, twin in twins.items():
+        label = "random init" + (f" ({net})" if len(twins) > 1 else "")
+        rows.append(_row(label, [f"{100 * x['linear_random']:.1f}" for x in twin], n))
     for r in results:
         cells = [f"{100 * x['linear']:.1f} ({100 * (x['linear'] - x['linear_random']):+.1f})"
                  for x in r["probe"]["layers"]]
         rows.append(_row(r["label"], cells, n))
     return (f"linear probe, % ({first['split']} on {first['data']}); in brackets: gain over the same "
             f"network at random init\n\n" + "\n".join(rows))
+
+
+def _twins(results: list[dict]) -> dict[str, list[dict]]:
+    """Each network's random-init twin, per layer (the same for every variant of that network)."""
+    twins: dict[str, list[dict]] = {}
+    for r in results:
+        twins.setdefault(r["config"]["layers"], r["probe"]["layers"])
+    return twins
 
 
 def _row(label: str, cells: list[str], n: int) -> str:
@@ -103,12 +110,11 @@ def plot_study(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colours, markers = plt.get_cmap("tab20"), "osD^v<>p*h"
-    twins: dict[str, list[dict]] = {}
     for i, r in enumerate(results):
         layers = [x["layer"] for x in r["probe"]["layers"]]
         ax.plot(layers, [100 * x["linear"] for x in r["probe"]["layers"]], "-", marker=markers[i % len(markers)],
                 color=colours(i % 20), label=r["label"])
-        twins.setdefault(r["config"]["layers"], r["probe"]["layers"])
+    twins = _twins(results)
     for k, (net, twin) in enumerate(twins.items()):  # one dotted line per network: its random-init twin
         label = "random init" + (f" ({net})" if len(twins) > 1 else "")
         ax.plot([x["layer"] for x in twin], [100 * x["linear_random"] for x in twin], ":", marker=".",
