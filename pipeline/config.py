@@ -38,7 +38,8 @@ class TrainConfig:
     layers: str = "conv:32,conv:64,conv:128"  # the network, bottom to top
     deltas: tuple[float, ...] = ()  # per-layer tolerance delta_k; empty: default_deltas (decreasing)
     clips: int = 16  # B: clips per micro-batch (distinct sequences where possible)
-    clip_len: int = 8  # T: consecutive frames per clip
+    clip_len: int = 8  # T: frames per clip
+    stride: int = 1  # frames between a clip's neighbouring frames (temporal distance of positives)
     size: int = 32  # frames are resized to size x size
     lr: float = 1e-3  # Adam learning rate of every layer
     head: tuple[int, int] | None = (256, 64)  # per-layer projection head (hidden, out); None: loss on y
@@ -75,6 +76,7 @@ class TrainConfig:
             (all(d >= 0 for d in self.deltas), "--deltas must be >= 0", self.deltas),
             (self.clips >= 2, "--clips must be >= 2", self.clips),
             (self.clip_len >= 2, "--clip-len must be >= 2", self.clip_len),
+            (self.stride >= 1, "--stride must be >= 1", self.stride),
             (self.size >= 4, "--size must be >= 4", self.size),
             (self.lr > 0, "--lr must be > 0", self.lr),
             (self.seed >= 0, "--seed must be >= 0", self.seed),

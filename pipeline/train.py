@@ -67,7 +67,7 @@ def train_run(cfg: TrainConfig, progress: bool = True, handle_signals: bool = Fa
               control: RunControl | None = None, checkpoint: Checkpoint | None = None) -> Outcome:
     """Train as `cfg` says (from `checkpoint` when resuming); checkpoints to `store_of(cfg)`."""
     videos = load_videos(cfg.data, cfg.size, "train")
-    sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
+    sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed, cfg.stride)
     spec = cfg.learner_spec(videos.frame_shape)
     # Resolved here so that the config on disk and the engine (the Ray engine's run id) name the same run.
     cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or default_run_dir())

@@ -103,8 +103,24 @@ def test_non_wrapping_clips_never_run_past_the_last_frame() -> None:
     assert starts == set(range(length - t + 1)), "every legal start should occur, no other"
 
 
+@pytest.mark.parametrize("wrap", [False, True])
+def test_strided_clips_take_every_stride_th_frame_and_stay_inside_the_sequence(wrap: bool) -> None:
+    length, t, stride = 10, 3, 4
+    sampler = ClipSampler(numbered_videos(n=4, length=length, wrap=wrap), clips=4, clip_len=t, seed=0, stride=stride)
+    starts = set()
+    for m in range(60):
+        mb = sampler.batch(m)
+        seq, idx = decode(mb.frames)
+        assert (seq == seq[:, :1]).all(), "a clip switched sequence"
+        step = idx[:, 1:] - idx[:, :-1]
+        assert ((step % length == stride) if wrap else (step == stride)).all()
+        starts.update(mb.starts)
+    assert starts == set(range(length if wrap else length - (t - 1) * stride))
+
+
 @pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"clips": 1}, "--clips"), ({"clip_len": 1}, "--clip-len"), ({"clip_len": 11}, "longer than"),
+    ({"clips": 1}, "--clips"), ({"clip_len": 1}, "--clip-len"), ({"clip_len": 11}, "more than"),
+    ({"stride": 0}, "--stride"), ({"clip_len": 4, "stride": 4}, "spans 13 frames"),
 ])
 def test_sampler_rejects_bad_arguments_by_flag(kwargs: dict, fragment: str) -> None:
     args = {"clips": 2, "clip_len": 2, "seed": 0} | kwargs

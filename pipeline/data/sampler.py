@@ -28,22 +28,29 @@ class MicroBatch:
 
 
 class ClipSampler:
-    """Cuts micro-batches of `clips` clips of `clip_len` consecutive frames from `videos`.
+    """Cuts micro-batches of `clips` clips of `clip_len` frames from `videos`, `stride` frames apart.
+
+    The stride is the temporal distance between a clip's neighbouring frames (1: consecutive frames):
+    larger strides give positives that differ more (a digit moved farther, an object turned farther).
 
     The clips of one micro-batch come from distinct sequences whenever there are enough: negatives
     drawn from the same sequence as the anchor poison contrastive objectives.
     """
 
-    def __init__(self, videos: Videos, clips: int, clip_len: int, seed: int) -> None:
+    def __init__(self, videos: Videos, clips: int, clip_len: int, seed: int, stride: int = 1) -> None:
         length = videos.frames.shape[1]
         if clips < 2:
             raise ValueError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
         if clip_len < 2:
             raise ValueError(f"--clip-len must be >= 2: positives are consecutive frames (got {clip_len})")
-        if clip_len > length:
-            raise ValueError(f"--clip-len {clip_len} is longer than the sequences of {videos.name} "
-                             f"({length} frames)")
-        self.videos, self.clips, self.clip_len, self.seed = videos, clips, clip_len, seed
+        if stride < 1:
+            raise ValueError(f"--stride must be >= 1 (got {stride})")
+        span = (clip_len - 1) * stride + 1
+        if span > length:
+            raise ValueError(f"--clip-len {clip_len} at --stride {stride} spans {span} frames, more than the "
+                             f"sequences of {videos.name} ({length} frames)")
+        self.videos, self.clips, self.clip_len, self.seed, self.stride = videos, clips, clip_len, seed, stride
+        self.span = span
 
     def batch(self, m: int) -> MicroBatch:
         if m < 0:
@@ -51,9 +58,9 @@ class ClipSampler:
         rng = np.random.default_rng([self.seed, m])
         n, length = self.videos.frames.shape[:2]
         seqs = rng.choice(n, size=self.clips, replace=n < self.clips)
-        last_start = length if self.videos.wrap else length - self.clip_len + 1
+        last_start = length if self.videos.wrap else length - self.span + 1
         starts = rng.integers(0, last_start, size=self.clips)
-        idx = (starts[:, None] + np.arange(self.clip_len)[None, :]) % length
+        idx = (starts[:, None] + self.stride * np.arange(self.clip_len)[None, :]) % length
         s = torch.from_numpy(seqs)[:, None]
         i = torch.from_numpy(idx)
         return MicroBatch(m, self.videos.frames[s, i].contiguous(), tuple(int(q) for q in seqs),
