@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.config import ENGINES, PLACEMENTS, TrainConfig
+from workers.layers import NORMS
 from workers.objectives import OBJECTIVES
 
 D = TrainConfig()
@@ -52,6 +53,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", type=_head, default=D.head, help="projection head HIDDEN,OUT or none")
     p.add_argument("--loss-grid", type=_ints, default=(),
                    help="per-layer pooling grid before the loss, one value or one per layer (default: 2)")
+    p.add_argument("--norm", default=D.norm, choices=NORMS, help="scaling of each layer's output (default: rms)")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--run-dir", default="", help="output directory (default runs/<time>)")
     p.add_argument("--layers-per-stage", type=int, default=D.layers_per_stage)

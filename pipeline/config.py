@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from workers.layers import parse_blocks
+from workers.layers import NORMS, parse_blocks
 from workers.learner import LearnerSpec
 from workers.objectives import OBJECTIVES
 
@@ -45,6 +45,7 @@ class TrainConfig:
     head: tuple[int, int] | None = (256, 64)  # per-layer projection head (hidden, out); None: loss on y
     loss_grid: tuple[int, ...] = ()  # per layer, pool conv maps to g x g before head and loss (1: global);
     # one value: every layer; empty: default_loss_grids
+    norm: str = "rms"  # between layers: rms (per frame) | channel (per location) | none
     seed: int = 0  # initialisation and data order
     run_dir: str = ""  # where config, metrics and checkpoint go; empty: runs/<time>
     # The Ray pipeline engine (pipeline/ray_engine.py):
@@ -77,6 +78,7 @@ class TrainConfig:
             (self.clips >= 2, "--clips must be >= 2", self.clips),
             (self.clip_len >= 2, "--clip-len must be >= 2", self.clip_len),
             (self.stride >= 1, "--stride must be >= 1", self.stride),
+            (self.norm in NORMS, f"--norm must be one of {list(NORMS)}", self.norm),
             (self.size >= 4, "--size must be >= 4", self.size),
             (self.lr > 0, "--lr must be > 0", self.lr),
             (self.seed >= 0, "--seed must be >= 0", self.seed),
@@ -97,7 +99,7 @@ class TrainConfig:
 
     def learner_spec(self, in_shape: tuple[int, int, int]) -> LearnerSpec:
         return LearnerSpec(parse_blocks(self.layers), in_shape, self.objective, self.deltas, self.lr,
-                           self.head, self.loss_grid, self.seed)
+                           self.head, self.loss_grid, self.seed, self.norm)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

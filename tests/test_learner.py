@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,6 +59,19 @@ def test_output_is_normalised_to_unit_rms() -> None:
     rms = out.flatten(2).pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
     assert torch.allclose(normalise(3 * out.flatten(0, 1)), out.flatten(0, 1), atol=1e-4)
+
+
+def test_other_normalisations_scale_per_location_or_not_at_all() -> None:
+    y = torch.rand(5, 4, 3, 3) * torch.arange(1, 10.0).view(1, 1, 3, 3)  # locations of very different scale
+    per_location = normalise(y, "channel").pow(2).mean(dim=1).sqrt()
+    torch.testing.assert_close(per_location, torch.ones_like(per_location), atol=1e-3, rtol=0)
+    assert torch.equal(normalise(y, "none"), y)
+    with pytest.raises(ValueError, match="normalisation"):
+        normalise(y, "batch")
+    s = dataclasses.replace(spec(), norm="channel")
+    out, _ = LocalLearner(s, 0, 1).step(clips())
+    per_location = out.pow(2).mean(dim=2).sqrt()
+    torch.testing.assert_close(per_location, torch.ones_like(per_location), atol=1e-3, rtol=0)
 
 
 def test_end_to_end_learner_trains_every_block() -> None:

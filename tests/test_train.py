@@ -92,7 +92,7 @@ def test_config_errors_name_the_flag() -> None:
                          ({"deltas": (0.1,)}, "--deltas"), ({"objective": "x"}, "--objective"),
                          ({"clip_len": 1}, "--clip-len"), ({"layers": "conv:0"}, "--layers"),
                          ({"loss_grid": (2, 2)}, "--loss-grid"), ({"loss_grid": (0,)}, "--loss-grid"),
-                         ({"stride": 0}, "--stride")]:
+                         ({"stride": 0}, "--stride"), ({"norm": "batch"}, "--norm")]:
         with pytest.raises(ValueError, match=flag):
             TrainConfig(**kwargs)
     assert default_deltas(3) == (0.5, 0.3, 0.1)

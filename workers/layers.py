@@ -88,13 +88,26 @@ def output_shapes(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) 
     return shapes
 
 
-def normalise(y: Tensor, eps: float = 1e-6) -> Tensor:
-    """Scale each sample to unit root-mean-square (length sqrt(numel) per sample).
+NORMS = ("rms", "channel", "none")  # how a block's output is scaled before the next block sees it
 
-    As in Forward-Forward: the next layer sees the *direction* of this layer's activity, not its length,
-    so it cannot read off this layer's own objective. Unit RMS (rather than unit length) keeps the scale of
-    the next layer's input independent of its size.
+
+def normalise(y: Tensor, kind: str = "rms", eps: float = 1e-6) -> Tensor:
+    """Scale each sample's activity before the next layer sees it.
+
+    rms      unit root-mean-square per sample (length sqrt(numel)): the default. As in Forward-Forward, the
+             next layer sees the *direction* of this layer's activity, not its length, so it cannot read
+             off this layer's own objective; unit RMS (rather than unit length) keeps the scale of the next
+             layer's input independent of its size.
+    channel  unit RMS across channels at every location of a conv map (a local contrast normalisation:
+             faint and bright parts of a frame weigh the same); vectors as rms.
+    none     unchanged.
     """
+    if kind == "none":
+        return y
+    if kind not in NORMS:
+        raise ValueError(f"normalisation must be one of {NORMS} (got {kind!r})")
+    if kind == "channel" and y.dim() == 4:
+        return y / y.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()
     flat = y.flatten(1)
     rms = flat.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()
     return (flat / rms).view_as(y)

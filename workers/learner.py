@@ -41,6 +41,7 @@ class LearnerSpec:
     head: tuple[int, int] | None  # (hidden, out) of the per-layer projection head, or None: loss on pooled y
     loss_grid: tuple[int, ...]  # per block: pool conv maps to g x g before the head / loss
     seed: int  # initialisation seed; block k is initialised from (seed, k) wherever it is built
+    norm: str = "rms"  # how outputs are scaled between blocks, a name in workers.layers.NORMS
 
 
 class LocalLearner:
@@ -81,7 +82,7 @@ class LocalLearner:
         """Outputs of every block for frames (N, ...), each normalised as the next block will see it."""
         outs = []
         for block in self.blocks:
-            x = normalise(block(x))
+            x = normalise(block(x), self.spec.norm)
             outs.append(x)
         return outs
 
@@ -98,13 +99,13 @@ class LocalLearner:
         result.loss.backward()
         self.optimizer.step()
         self.steps += 1
-        out = normalise(y).detach()  # [Note: the detach boundary]
+        out = normalise(y, self.spec.norm).detach()  # [Note: the detach boundary]
         return out.view(b, t, *out.shape[1:]), result.metrics()
 
     def _top(self, x: Tensor) -> Tensor:
         """Forward all blocks; intermediate outputs normalised, the top one raw (normalised on emit)."""
         for i, block in enumerate(self.blocks):
-            x = block(x if i == 0 else normalise(x))
+            x = block(x if i == 0 else normalise(x, self.spec.norm))
         return x
 
     def modules(self) -> nn.ModuleDict:
