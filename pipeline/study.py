@@ -91,10 +91,15 @@ def format_study(results: list[dict]) -> str:
 
 
 def _twins(results: list[dict]) -> dict[str, list[dict]]:
-    """Each network's random-init twin, per layer (the same for every variant of that network)."""
+    """Each network's random-init twin, per layer (the same for every variant of that network).
+
+    The normalisation between layers is part of the network: it changes the features the probe reads.
+    """
     twins: dict[str, list[dict]] = {}
     for r in results:
-        twins.setdefault(r["config"]["layers"], r["probe"]["layers"])
+        norm = r["config"].get("norm", "rms")  # runs written before --norm existed used rms
+        net = r["config"]["layers"] + ("" if norm == "rms" else f", {norm} norm")
+        twins.setdefault(net, r["probe"]["layers"])
     return twins
 
 

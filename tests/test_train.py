@@ -127,16 +127,18 @@ def test_study_tables_every_variant_with_its_own_twin_and_resumes(tmp_path: Path
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import study
 
-    variants = [("a", {"loss_grid": (1,)}), ("grid-2", {"loss_grid": (2,)}), ("deep", {"layers": "conv:4,conv:8,conv:8"})]
+    variants = [("a", {"loss_grid": (1,)}), ("grid-2", {"loss_grid": (2,)}), ("deep", {"layers": "conv:4,conv:8,conv:8"}),
+                ("channel", {"norm": "channel"})]
     monkeypatch.setitem(study.STUDIES, "tiny", variants)
     base = {**TINY, "data": f"npz:{seq_npz}", "steps": 3}
     results = study.run_study("tiny", tmp_path, base, views=(0, 5), fraction=None)
-    assert [r["label"] for r in results] == ["a", "grid-2", "deep"]
+    assert [r["label"] for r in results] == ["a", "grid-2", "deep", "channel"]
     assert results[1]["config"]["loss_grid"] == (2, 2)
     table = (tmp_path / "study.md").read_text()
-    # Two networks, so two random-init rows; the deep one has a third column the others leave empty.
+    # Three networks, so three random-init rows; the deep one has a third column the others leave empty.
     assert "| random init (conv:4,conv:8) |" in table and "| random init (conv:4,conv:8,conv:8) |" in table
-    assert table.count("\n| ") == 1 + 2 + 3  # header, the twins, the variants
+    assert "| random init (conv:4,conv:8, channel norm) |" in table
+    assert table.count("\n| ") == 1 + 3 + 4  # header, the twins, the variants
     assert (tmp_path / "study.png").stat().st_size > 0
     stamp = (tmp_path / "a" / "probe.json").stat().st_mtime_ns
     study.run_study("tiny", tmp_path, base, views=(0, 5), fraction=None)  # resumes: nothing is retrained
