@@ -33,13 +33,14 @@ STUDIES: dict[str, list[Variant]] = {
     # The seed's claim: earlier layers need a larger tolerance.
     "deltas": [("constant", {"deltas": (0.3, 0.3, 0.3)}), ("decreasing", {"deltas": (0.5, 0.3, 0.1)}),
                ("increasing", {"deltas": (0.1, 0.3, 0.5)}), ("none", {"deltas": (0.0, 0.0, 0.0)})],
-    # The other settings, one at a time from the defaults: where the loss pools, clip length, head,
-    # learning rate, width and depth; with the default on the Ray pipeline (it must equal the sequential
-    # loop) and end to end (the top-layer target).
+    # The other settings, one at a time from the defaults: where the loss pools, clip length, temporal
+    # distance of positives, normalisation between layers, head, learning rate, width and depth; with the
+    # default on the Ray pipeline (it must equal the sequential loop) and end to end (the top-layer target).
     "settings": [("default", {}), ("default-ray", {"engine": "ray"}), ("default-e2e", {"engine": "e2e"}),
                  ("e2e-grid-1", {"engine": "e2e", "loss_grid": (1,)}),
                  ("grid-1", {"loss_grid": (1,)}), ("grid-2-2-1", {"loss_grid": (2, 2, 1)}),
-                 ("grid-4", {"loss_grid": (4,)}), ("clip-len-4", {"clip_len": 4}), ("no-head", {"head": None}),
+                 ("grid-4", {"loss_grid": (4,)}), ("clip-len-4", {"clip_len": 4}), ("stride-2", {"stride": 2}),
+                 ("norm-channel", {"norm": "channel"}), ("norm-none", {"norm": "none"}), ("no-head", {"head": None}),
                  ("lr-3e-4", {"lr": 3e-4}), ("steps-1000", {"steps": 1000}),
                  ("wide", {"layers": "conv:64,conv:128,conv:256"}),
                  ("deep", {"layers": "conv:32,conv:64,conv:128,conv:256"})],
