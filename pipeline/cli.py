@@ -44,7 +44,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default=D.engine, choices=ENGINES)
     p.add_argument("--steps", type=int, default=D.steps, help="micro-batches to train on")
     p.add_argument("--layers", default=D.layers, help="network, e.g. conv:32,conv:64,conv:128,mlp:256")
-    p.add_argument("--deltas", type=_floats, default=(), help="per-layer tolerance (default: 0.5 .. 0.1)")
+    p.add_argument("--deltas", type=_floats, default=(), help="per-layer tolerance, one per layer (default: 0 on every layer)")
     p.add_argument("--clips", type=int, default=D.clips, help="B: clips per micro-batch")
     p.add_argument("--clip-len", type=int, default=D.clip_len, help="T: frames per clip")
     p.add_argument("--stride", type=int, default=D.stride, help="frames between a clip's neighbouring frames")
@@ -99,6 +99,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="sequential", choices=ENGINES,
                    help="engine of the variants that do not name one (sequential: bit-identical to ray)")
     p.add_argument("--loss-grid", type=_ints, default=(), help="loss grid of the variants that do not name one")
+    p.add_argument("--deltas", type=_floats, default=(), help="tolerances of the variants that do not name them")
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
     _add_split(p)
 
@@ -167,7 +168,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         only = args.only.split(",") if args.only else None
         results = run_study(args.name, args.out, {"data": args.data, "steps": args.steps, "seed": args.seed,
-                                                       "engine": args.engine, "loss_grid": args.loss_grid},
+                                                       "engine": args.engine, "loss_grid": args.loss_grid,
+                                                       "deltas": args.deltas},
                             *_probe_split(args), only)
         print(format_study(results))
         print(f"wrote {args.out}/study.json, study.md, study.png")

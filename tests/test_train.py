@@ -95,7 +95,7 @@ def test_config_errors_name_the_flag() -> None:
                          ({"stride": 0}, "--stride"), ({"norm": "batch"}, "--norm")]:
         with pytest.raises(ValueError, match=flag):
             TrainConfig(**kwargs)
-    assert default_deltas(3) == (0.5, 0.3, 0.1)
+    assert default_deltas(3) == (0.0, 0.0, 0.0)
     cfg = TrainConfig(deltas=(0.2, 0.2, 0.2))
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig(loss_grid=(2,)).loss_grid == (2, 2, 2)  # one value: every layer
