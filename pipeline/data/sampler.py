@@ -18,7 +18,7 @@ from pipeline.data.videos import Videos
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """B clips x T consecutive frames: the unit of work that travels through the pipeline."""
+    """B clips x T frames: the unit of work that travels through the pipeline."""
 
     index: int  # micro-batch number m
     frames: Tensor  # (B, T, C, H, W) float32
@@ -42,7 +42,7 @@ class ClipSampler:
         if clips < 2:
             raise ValueError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
         if clip_len < 2:
-            raise ValueError(f"--clip-len must be >= 2: positives are consecutive frames (got {clip_len})")
+            raise ValueError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
         if stride < 1:
             raise ValueError(f"--stride must be >= 1 (got {stride})")
         span = (clip_len - 1) * stride + 1
