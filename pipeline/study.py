@@ -99,7 +99,7 @@ def _twins(results: list[dict]) -> dict[str, list[dict]]:
     twins: dict[str, list[dict]] = {}
     for r in results:
         norm = r["config"].get("norm", "rms")  # runs written before --norm existed used rms
-        net = r["config"]["layers"] + ("" if norm == "rms" else f", {norm} norm")
+        net = r["config"]["layers"] + ("" if norm == "rms" else f", norm {norm}")
         twins.setdefault(net, r["probe"]["layers"])
     return twins
 
@@ -124,7 +124,7 @@ def plot_study(results: list[dict], path: Path) -> None:
     for k, (net, twin) in enumerate(twins.items()):  # one dotted line per network: its random-init twin
         label = "random init" + (f" ({net})" if len(twins) > 1 else "")
         ax.plot([x["layer"] for x in twin], [100 * x["linear_random"] for x in twin], ":", marker=".",
-                color=str(0.2 + 0.25 * k), label=label)
+                color=str(round(0.7 * k / max(len(twins) - 1, 1), 3)), label=label)
     data = Path(results[0]["probe"]["data"].partition(":")[2] or results[0]["probe"]["data"]).name
     ax.set(xlabel="layer", ylabel="linear probe accuracy (%)", title=f"{data} — learned (solid), random init (dotted)")
     ax.set_xticks(sorted({x["layer"] for r in results for x in r["probe"]["layers"]}))

@@ -137,7 +137,7 @@ def test_study_tables_every_variant_with_its_own_twin_and_resumes(tmp_path: Path
     table = (tmp_path / "study.md").read_text()
     # Three networks, so three random-init rows; the deep one has a third column the others leave empty.
     assert "| random init (conv:4,conv:8) |" in table and "| random init (conv:4,conv:8,conv:8) |" in table
-    assert "| random init (conv:4,conv:8, channel norm) |" in table
+    assert "| random init (conv:4,conv:8, norm channel) |" in table
     assert table.count("\n| ") == 1 + 3 + 4  # header, the twins, the variants
     assert (tmp_path / "study.png").stat().st_size > 0
     stamp = (tmp_path / "a" / "probe.json").stat().st_mtime_ns
