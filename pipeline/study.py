@@ -79,9 +79,7 @@ def format_study(results: list[dict]) -> str:
     head = "| variant | " + " | ".join(f"layer {k + 1}" for k in range(n)) + " |"
     rows = [head, "|---|" + "---|" * n]
     first = results[0]["probe"]
-    twins = _twins(results)
-    for net, twin in twins.items():
-        label = "random init" + (f" ({net})" if len(twins) > 1 else "")
+    for label, twin in _twins(results).items():
         rows.append(_row(label, [f"{100 * x['linear_random']:.1f}" for x in twin], n))
     for r in results:
         cells = [f"{100 * x['linear']:.1f} ({100 * (x['linear'] - x['linear_random']):+.1f})"
@@ -92,7 +90,8 @@ def format_study(results: list[dict]) -> str:
 
 
 def _twins(results: list[dict]) -> dict[str, list[dict]]:
-    """Each network's random-init twin, per layer (the same for every variant of that network).
+    """Each network's random-init twin, per layer (the same for every variant of that network), by its
+    table and legend label: "random init", naming the network when the study has several.
 
     The normalisation between layers is part of the network: it changes the features the probe reads.
     """
@@ -101,7 +100,9 @@ def _twins(results: list[dict]) -> dict[str, list[dict]]:
         norm = r["config"].get("norm", "rms")  # runs written before --norm existed used rms
         net = r["config"]["layers"] + ("" if norm == "rms" else f", norm {norm}")
         twins.setdefault(net, r["probe"]["layers"])
-    return twins
+    if len(twins) == 1:
+        return {"random init": next(iter(twins.values()))}
+    return {f"random init ({net})": twin for net, twin in twins.items()}
 
 
 def _row(label: str, cells: list[str], n: int) -> str:
@@ -121,8 +122,7 @@ def plot_study(results: list[dict], path: Path) -> None:
         ax.plot(layers, [100 * x["linear"] for x in r["probe"]["layers"]], "-", marker=markers[i % len(markers)],
                 color=colours(i % 20), label=r["label"])
     twins = _twins(results)
-    for k, (net, twin) in enumerate(twins.items()):  # one dotted line per network: its random-init twin
-        label = "random init" + (f" ({net})" if len(twins) > 1 else "")
+    for k, (label, twin) in enumerate(twins.items()):  # one dotted line per network: its random-init twin
         ax.plot([x["layer"] for x in twin], [100 * x["linear_random"] for x in twin], ":", marker=".",
                 color=str(round(0.7 * k / max(len(twins) - 1, 1), 3)), label=label)
     data = Path(results[0]["probe"]["data"].partition(":")[2] or results[0]["probe"]["data"]).name
