@@ -1,139 +1,94 @@
-"""`lamina` command line: train, probe, report."""
+"""`lamina`: train a network layer-locally from video, and probe, report, study, steer and benchmark it.
+
+Every error lamina raises on purpose (pipeline/errors.py) ends the command with one line on stderr and a
+non-zero exit; `--debug` shows the traceback too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 
-from pipeline.config import ENGINES, PLACEMENTS, TrainConfig
-from workers.layers import NORMS
-from workers.objectives import OBJECTIVES
+from pipeline.errors import ConfigError, LaminaError
+from pipeline.flags import add_flags, arg_type, config_from_args, given_flags
 
-D = TrainConfig()
+logger = logging.getLogger(__name__)
 
-
-def _floats(s: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (got {s!r})") from None
+STUDY_FLAGS = ("data", "steps", "seed", "engine", "loss_grid", "deltas")  # what a study's variants share
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (got {s!r})") from None
-
-
-def _head(s: str) -> tuple[int, int] | None:
-    if s == "none":
-        return None
-    sizes = _ints(s)
-    if len(sizes) != 2:
-        raise argparse.ArgumentTypeError(f"expected HIDDEN,OUT or none (got {s!r})")
-    return (sizes[0], sizes[1])
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a network layer-locally from video")
-    p.add_argument("--data", default=D.data, help="synthetic[:OPTS] | moving-mnist:PATH | npz:PATH")
-    p.add_argument("--objective", default=D.objective, choices=sorted(OBJECTIVES))
-    p.add_argument("--engine", default=D.engine, choices=ENGINES)
-    p.add_argument("--steps", type=int, default=D.steps, help="micro-batches to train on")
-    p.add_argument("--layers", default=D.layers, help="network, e.g. conv:32,conv:64,conv:128,mlp:256")
-    p.add_argument("--deltas", type=_floats, default=(), help="per-layer tolerance, one per layer (default: 0 on every layer)")
-    p.add_argument("--clips", type=int, default=D.clips, help="B: clips per micro-batch")
-    p.add_argument("--clip-len", type=int, default=D.clip_len, help="T: frames per clip")
-    p.add_argument("--stride", type=int, default=D.stride, help="frames between a clip's neighbouring frames")
-    p.add_argument("--size", type=int, default=D.size, help="frames are resized to SIZE x SIZE")
-    p.add_argument("--lr", type=float, default=D.lr)
-    p.add_argument("--head", type=_head, default=D.head, help="projection head HIDDEN,OUT or none")
-    p.add_argument("--loss-grid", type=_ints, default=(),
-                   help="per-layer pooling grid before the loss, one value or one per layer (default: 2)")
-    p.add_argument("--norm", default=D.norm, choices=NORMS, help="scaling of each layer's output (default: rms)")
-    p.add_argument("--seed", type=int, default=D.seed)
-    p.add_argument("--run-dir", default="", help="output directory (default runs/<time>)")
-    p.add_argument("--layers-per-stage", type=int, default=D.layers_per_stage)
-    p.add_argument("--queue-depth", type=int, default=D.queue_depth)
-    p.add_argument("--placement", default=D.placement, choices=PLACEMENTS)
-    p.add_argument("--cpus-per-stage", type=float, default=D.cpus_per_stage)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    p.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
-                   help="barrier checkpoint every N micro-batches (0: only on SIGUSR1, Ctrl-C and at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="complete checkpoints kept")
-    p.add_argument("--checkpoint-uri", default=D.checkpoint_uri,
-                   help="checkpoint storage: a path or a pyarrow.fs URI (default RUN_DIR/checkpoints)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR from its last complete checkpoint, with its config (other flags ignored)")
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
 
 
 def _add_split(p: argparse.ArgumentParser) -> None:
     """The probe's labelled split: frame indices in every sequence, or a fraction of the sequences."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--probe-views", type=_ints, default=None, help="labelled frame indices, e.g. 0,18,36,54")
-    g.add_argument("--probe-fraction", type=float, default=None, help="labelled fraction of sequences")
+    g.add_argument("--probe-views", type=arg_type(_ints, "--probe-views"), default=None, metavar="I,J,...",
+                   help="label these frame indices of every sequence, test on the others (e.g. 0,18,36,54)")
+    g.add_argument("--probe-fraction", type=float, default=None, metavar="F",
+                   help="label every frame of this fraction of the sequences, test on the others (default: 0.5)")
 
 
-def _add_probe(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="linear and 1-NN probes per layer, next to random init")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--data", default=None, help="data spec (default: the run's)")
-    _add_split(p)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lamina", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    t = sub.add_parser("train", help="train a network layer-locally from video (a new run, or --resume one)")
+    add_flags(t)
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last complete checkpoint, with its own config")
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="plot a run's per-layer loss and spread to RUN_DIR/loss.png")
-    p.add_argument("--run-dir", required=True)
+    pr = sub.add_parser("probe", help="linear and 1-NN probes of a run's layers, next to random init")
+    pr.add_argument("--run-dir", required=True)
+    pr.add_argument("--data", default=None, metavar="SPEC", help="data spec (default: the run's)")
+    _add_split(pr)
 
+    rp = sub.add_parser("report", help="redraw RUN_DIR/loss.png from the run's metrics")
+    rp.add_argument("--run-dir", required=True)
 
-def _add_study(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="train and probe a named set of variants side by side")
-    p.add_argument("name", help="objectives | deltas | settings")
-    p.add_argument("--data", required=True, help="data spec")
-    p.add_argument("--out", required=True, help="study directory (resumes: finished variants are kept)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default="sequential", choices=ENGINES,
-                   help="engine of the variants that do not name one (sequential: bit-identical to ray)")
-    p.add_argument("--loss-grid", type=_ints, default=(), help="loss grid of the variants that do not name one")
-    p.add_argument("--deltas", type=_floats, default=(), help="tolerances of the variants that do not name them")
-    p.add_argument("--only", default=None, help="comma-separated variant labels to run")
-    _add_split(p)
+    st = sub.add_parser("study", help="train and probe a named set of variants side by side")
+    st.add_argument("name", choices=("objectives", "deltas", "settings"))
+    st.add_argument("--out", required=True, help="study directory (finished variants are kept, others resumed)")
+    add_flags(st, STUDY_FLAGS, defaults={"steps": 1500, "engine": "sequential"})
+    st.add_argument("--only", default=None, metavar="LABEL,...", help="the variants to run")
+    _add_split(st)
 
+    ct = sub.add_parser("control", help="ask a training run for its status, a checkpoint or a graceful stop")
+    ct.add_argument("--run-dir", required=True)
+    ct.add_argument("action", choices=("status", "checkpoint", "stop"))
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
-    p.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
-    p.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
-
-
-def _add_control(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("control", help="ask a training run for its status, a checkpoint or a graceful stop")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("action", choices=("status", "checkpoint", "stop"))
+    be = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
+    be.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
+    be.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lamina", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command")
-    _add_train(sub)
-    _add_probe(sub)
-    _add_report(sub)
-    _add_study(sub)
-    _add_control(sub)
-    _add_bench(sub)
-    args = parser.parse_args(["train"] if argv is None and len(sys.argv) == 1 else argv)
+    p = parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return _run(args, parser)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lamina {args.command}: error: {e}", file=sys.stderr)
+    if args.command is None:
+        p.print_help()
         return 2
+    try:
+        return _run(args)
+    except (LaminaError, ValueError, OSError) as e:  # ValueError, OSError: from libraries, on bad input
+        if args.debug:
+            traceback.print_exc()
+        print(f"lamina {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code if isinstance(e, LaminaError) else 2
+    except KeyboardInterrupt:
+        print(f"lamina {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _probe_split(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, float | None]:
@@ -143,12 +98,16 @@ def _probe_split(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, floa
     return args.probe_views, args.probe_fraction
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from pipeline.train import resume, train_run
+        from pipeline.run import resume, train
 
-        fields = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "resume")}
-        outcome = resume(args.resume) if args.resume else train_run(TrainConfig(**fields), handle_signals=True)
+        if args.resume:
+            if given_flags(args):
+                raise ConfigError(f"--resume continues a run with its own config: drop {' '.join(given_flags(args))}")
+            outcome = resume(args.resume, handle_signals=True)
+        else:
+            outcome = train(config_from_args(args), handle_signals=True)
         print(f"run directory: {outcome.path}")
         if outcome.stopped_at is not None:
             print(f"stopped after {outcome.stopped_at} micro-batches (checkpoint written); "
@@ -157,26 +116,23 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"next: lamina probe --run-dir {outcome.path}")
         return 0
     if args.command == "probe":
-        from pipeline.probe import format_table, probe
+        from pipeline.evaluation.probe import format_table, probe
 
         report = probe(args.run_dir, args.data, *_probe_split(args))
         print(format_table(report))
         print(f"wrote {args.run_dir}/probe.json")
         return 0
     if args.command == "study":
-        from pipeline.study import format_study, run_study
+        from pipeline.evaluation.study import format_study, run_study
 
+        base = config_from_args(args).to_dict()
+        base = {k: base[k] for k in STUDY_FLAGS}
         only = args.only.split(",") if args.only else None
-        results = run_study(args.name, args.out, {"data": args.data, "steps": args.steps, "seed": args.seed,
-                                                       "engine": args.engine, "loss_grid": args.loss_grid,
-                                                       "deltas": args.deltas},
-                            *_probe_split(args), only)
+        results = run_study(args.name, args.out, base, *_probe_split(args), only)
         print(format_study(results))
         print(f"wrote {args.out}/study.json, study.md, study.png")
         return 0
     if args.command == "bench":
-        import time
-
         from pipeline.bench.suite import main as bench
 
         out = args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -184,26 +140,41 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"wrote {out}/bench.json, bench.md, bench.png")
         return 0
     if args.command == "control":
-        import grpc
-
-        from pipeline.control import ControlClient
-
-        client = ControlClient(args.run_dir)
-        try:
-            print(getattr(client, args.action)(), end="")
-        except grpc.RpcError as e:
-            print(f"lamina control: error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 2
-        finally:
-            client.close()
-        return 0
+        return _control(args.run_dir, args.action)
     if args.command == "report":
         from pipeline.rundir import RunDir
 
-        print(f"wrote {RunDir(args.run_dir).plot_losses()}")
+        run = RunDir(args.run_dir)
+        if not run.read_metrics().num_rows:
+            raise ConfigError(f"{args.run_dir}: no metrics to plot")
+        print(f"wrote {run.plot_losses()}")
         return 0
-    parser.print_help()
-    return 2
+    raise AssertionError(f"unknown command {args.command}")
+
+
+def _control(run_dir: str, action: str) -> int:
+    import grpc
+
+    from pipeline.control.server import ControlClient
+
+    client = ControlClient(run_dir)
+    try:
+        reply = getattr(client, action)()
+    except grpc.RpcError as e:
+        print(f"lamina control: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    if action == "status":
+        print(f"{reply.run_dir}: engine {reply.engine}, {reply.steps_done}/{reply.steps_total} micro-batches, "
+              f"{reply.microbatches_per_s:.2f}/s" + (", stopping" if reply.stopping else ""))
+        for layer in reply.layers:
+            print(f"  layer {layer.layer + 1}: loss {layer.loss:.4f}, spread {layer.spread:.3f}")
+    elif action == "checkpoint":
+        print(reply.detail if reply.accepted else f"refused: {reply.detail}")
+    else:
+        print("stopping: the run drains, checkpoints and exits" if reply.accepted else "already stopping")
+    return 0
 
 
 if __name__ == "__main__":

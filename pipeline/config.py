@@ -1,14 +1,19 @@
-"""The run configuration: one frozen dataclass shared by the CLI, the run directory and the engines.
+"""The run configuration: one frozen dataclass, and the one place every training flag is described.
 
-Validation happens in `__post_init__`, and every error names the command-line flag it came from.
+Each field is written once, with its type, default and help (`flag(...)`): pipeline/flags.py builds the
+`lamina train` arguments and the README's flag table from these fields, and a test fails when the README
+differs. Validation happens in `__post_init__`; every error is a ConfigError naming the flag and the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from workers.layers import NORMS, parse_blocks
+from pipeline.errors import ConfigError
+from workers.layers import NORMS, output_shapes, parse_blocks
 from workers.learner import LearnerSpec
 from workers.objectives import OBJECTIVES
 
@@ -16,64 +21,111 @@ ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
 
 
-def default_deltas(n: int) -> tuple[float, ...]:
-    """No tolerance on any layer. `lamina study deltas` tested the seed's schedule (larger for earlier layers)
-    against constant, increasing and none on COIL-20: the smaller layer 1's tolerance, the more it learns,
-    and none is best at every layer, over two seeds."""
-    return (0.0,) * n
+def flag(default: Any, help: str, *, parse: Any = None, choices: tuple[str, ...] | None = None,
+         metavar: str | None = None, shown: str | None = None, section: str = "") -> Any:
+    """A config field that is also a `lamina train` flag. `parse`: turns the command-line text into the
+    value (default: the field's type); `shown`: how the default reads in help and README when the value
+    itself would not say it; `section`: the README sub-heading the flag is listed under."""
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices, "metavar": metavar,
+                                            "shown": shown, "section": section})
 
 
-def default_loss_grids(n: int) -> tuple[int, ...]:
-    """Every layer's loss pools its maps to 2x2 (`lamina study settings`: the lower layers learn most from a
-    2x2 grid, and the top layer is steadier with it than with global pooling over seeds)."""
-    return (2,) * n
+def _numbers(kind: type) -> Any:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"expected comma-separated {'integers' if kind is int else 'numbers'} "
+                             f"(got {text!r})") from None
+    parse.__name__ = f"{kind.__name__}s"
+    return parse
+
+
+def _head(text: str) -> tuple[int, int] | None:
+    if text == "none":
+        return None
+    sizes = _numbers(int)(text)
+    if len(sizes) != 2:
+        raise ValueError(f"expected HIDDEN,OUT or none (got {text!r})")
+    return (sizes[0], sizes[1])
+
+
+def _gpus(text: str) -> float | None:
+    return None if text == "auto" else float(text)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = "synthetic"  # data spec: synthetic[:OPTIONS] | moving-mnist:PATH | npz:PATH
-    objective: str = "clip-nce"  # local objective, a name in workers.objectives.OBJECTIVES
-    engine: str = "ray"  # ray (asynchronous pipeline) | sequential (layer-local loop) | e2e (backprop)
-    steps: int = 3000  # micro-batches to train on (the learning-quality results need this many)
-    layers: str = "conv:32,conv:64,conv:128"  # the network, bottom to top
-    deltas: tuple[float, ...] = ()  # per-layer tolerance delta_k; empty: default_deltas (0)
-    clips: int = 16  # B: clips per micro-batch (distinct sequences where possible)
-    clip_len: int = 8  # T: frames per clip
-    stride: int = 1  # frames between a clip's neighbouring frames (temporal distance of positives)
-    size: int = 32  # frames are resized to size x size
-    lr: float = 1e-3  # Adam learning rate of every layer
-    head: tuple[int, int] | None = (256, 64)  # per-layer projection head (hidden, out); None: loss on y
-    loss_grid: tuple[int, ...] = ()  # per layer, pool conv maps to g x g before head and loss (1: global);
-    # one value: every layer; empty: default_loss_grids
-    norm: str = "rms"  # between layers: rms (per frame) | channel (per location) | none
-    seed: int = 0  # initialisation and data order
-    run_dir: str = ""  # where config, metrics and checkpoint go; empty: runs/<time>
-    # The Ray pipeline engine (pipeline/ray_engine.py):
-    layers_per_stage: int = 1  # consecutive layers per stage actor
-    queue_depth: int = 2  # bounded channel depth between stages
-    placement: str = "pack"  # placement-group strategy: pack | spread
-    cpus_per_stage: float = 1.0  # CPUs reserved per stage actor
-    address: str | None = None  # Ray cluster to join; None: RAY_ADDRESS or a new local Ray
-    # Barrier checkpoints (pipeline/checkpoint.py): what resume and stage-failure recovery restore.
-    checkpoint_every: int = 100  # a checkpoint after every N micro-batches; 0: only on request and at the end
-    keep_checkpoints: int = 3  # complete checkpoints kept (older ones are pruned)
-    checkpoint_uri: str = ""  # local path or pyarrow.fs URI (s3://...); empty: RUN_DIR/checkpoints
+    data: str = flag("synthetic", "synthetic[:OPTS] (built-in procedural videos), moving-mnist:PATH (an MNIST "
+                     ".npz) or npz:PATH (a sequence or turntable archive)", metavar="SPEC")
+    objective: str = flag("clip-nce", "local objective of every layer: hinge, hinge-neg, slow-var, nce or clip-nce",
+                          choices=tuple(sorted(OBJECTIVES)))
+    engine: str = flag("ray", "ray (the asynchronous pipeline), sequential (layer-local loop in one process) or "
+                       "e2e (end-to-end backprop baseline)", choices=ENGINES)
+    steps: int = flag(3000, "micro-batches to train on")
+    layers: str = flag("conv:32,conv:64,conv:128", "the network, bottom to top, e.g. conv:32,conv:64,mlp:256",
+                       metavar="SPEC")
+    deltas: tuple[float, ...] = flag((), "tolerance delta_k per layer: positive pairs closer than delta_k are "
+                                     "left alone", parse=_numbers(float), metavar="D1,D2,...",
+                                     shown="0 on every layer")
+    clips: int = flag(16, "B: clips per micro-batch, from distinct sequences")
+    clip_len: int = flag(8, "T: frames per clip")
+    stride: int = flag(1, "frames between a clip's neighbouring frames (the temporal distance of positives)")
+    size: int = flag(32, "frames are resized to SIZE x SIZE")
+    lr: float = flag(1e-3, "Adam learning rate of every layer")
+    head: tuple[int, int] | None = flag((256, 64), "per-layer projection head HIDDEN,OUT, trained with its layer, "
+                                        "never passed on; none: the loss on the pooled maps", parse=_head,
+                                        metavar="HIDDEN,OUT|none")
+    loss_grid: tuple[int, ...] = flag((), "per layer, the grid its conv maps are average-pooled to before its "
+                                      "head and loss (1: global); one value for every layer",
+                                      parse=_numbers(int), metavar="G1,G2,...", shown="2 on every layer")
+    norm: str = flag("rms", "how a layer's output is scaled before the next layer: rms (per frame), channel "
+                     "(per location) or none", choices=NORMS)
+    seed: int = flag(0, "initialisation and data order")
+    run_dir: str = flag("", "where config, metrics and checkpoints go", metavar="DIR", shown="runs/<time>")
+    layers_per_stage: int = flag(1, "consecutive layers per stage actor (when layers outnumber devices)",
+                                 section="ray")
+    queue_depth: int = flag(2, "bounded channel depth between stages, in micro-batches", section="ray")
+    placement: str = flag("pack", "placement-group strategy: pack, or spread (one stage per node)",
+                          choices=PLACEMENTS, section="ray")
+    cpus_per_stage: float = flag(1.0, "CPUs reserved per stage (its torch threads)", section="ray")
+    gpus_per_stage: float | None = flag(None, "GPUs reserved per stage; a fraction shares one GPU between stages",
+                                        parse=_gpus, metavar="N|auto", shown="auto: 1 when the cluster has GPUs, else 0",
+                                        section="ray")
+    address: str | None = flag(None, "Ray cluster to join", metavar="HOST:PORT",
+                               shown="RAY_ADDRESS, else a new local Ray", section="ray")
+    checkpoint_every: int = flag(100, "barrier checkpoint every N micro-batches (0: only on request, on stop "
+                                 "and at the end)", metavar="N", section="checkpoints")
+    keep_checkpoints: int = flag(3, "complete checkpoints kept (older ones are pruned)", section="checkpoints")
+    checkpoint_uri: str = flag("", "where checkpoints go: a path or a pyarrow.fs URI (s3://..., gs://...)",
+                               metavar="URI", shown="RUN_DIR/checkpoints", section="checkpoints")
     n_layers: int = field(init=False)  # derived from `layers`
 
     def __post_init__(self) -> None:
-        blocks = parse_blocks(self.layers)
-        object.__setattr__(self, "n_layers", len(blocks))
+        try:
+            blocks = parse_blocks(self.layers)
+        except ValueError as e:
+            raise ConfigError(f"--layers: {e}") from None
+        n = len(blocks)
+        object.__setattr__(self, "n_layers", n)
         if not self.deltas:
-            object.__setattr__(self, "deltas", default_deltas(len(blocks)))
+            # No tolerance: `lamina study deltas` tested the seed's schedule (larger for earlier layers) against
+            # constant, increasing and none on COIL-20; none was best at every layer, over two seeds.
+            object.__setattr__(self, "deltas", (0.0,) * n)
         if not self.loss_grid:
-            object.__setattr__(self, "loss_grid", default_loss_grids(len(blocks)))
+            # 2x2 on every layer (`lamina study settings`): the lower layers learn most from it, and the top
+            # layer is steadier with it than with global pooling over seeds.
+            object.__setattr__(self, "loss_grid", (2,) * n)
         elif len(self.loss_grid) == 1:
-            object.__setattr__(self, "loss_grid", self.loss_grid * len(blocks))
+            object.__setattr__(self, "loss_grid", self.loss_grid * n)
+        finite = (self.lr, *self.deltas, self.cpus_per_stage, self.gpus_per_stage or 0.0)
         checks = [
+            (all(math.isfinite(x) for x in finite),
+             "--lr, --deltas, --cpus-per-stage and --gpus-per-stage must be finite", finite),
             (self.objective in OBJECTIVES, f"--objective must be one of {sorted(OBJECTIVES)}", self.objective),
             (self.engine in ENGINES, f"--engine must be one of {list(ENGINES)}", self.engine),
             (self.steps >= 1, "--steps must be >= 1", self.steps),
-            (len(self.deltas) == len(blocks), f"--deltas needs one value per layer ({len(blocks)})", self.deltas),
+            (len(self.deltas) == n, f"--deltas needs one value per layer ({n})", self.deltas),
             (all(d >= 0 for d in self.deltas), "--deltas must be >= 0", self.deltas),
             (self.clips >= 2, "--clips must be >= 2", self.clips),
             (self.clip_len >= 2, "--clip-len must be >= 2", self.clip_len),
@@ -82,24 +134,32 @@ class TrainConfig:
             (self.size >= 4, "--size must be >= 4", self.size),
             (self.lr > 0, "--lr must be > 0", self.lr),
             (self.seed >= 0, "--seed must be >= 0", self.seed),
-            (self.head is None or min(self.head) >= 1, "--head sizes must be >= 1", self.head),
-            (len(self.loss_grid) == len(blocks), f"--loss-grid needs one value or one per layer ({len(blocks)})",
-             self.loss_grid),
+            (self.head is None or (len(self.head) == 2 and min(self.head) >= 1), "--head must be HIDDEN,OUT with sizes >= 1",
+             self.head),
+            (len(self.loss_grid) == n, f"--loss-grid needs one value or one per layer ({n})", self.loss_grid),
             (all(g >= 1 for g in self.loss_grid), "--loss-grid must be >= 1", self.loss_grid),
             (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
             (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
+            (self.gpus_per_stage is None or self.gpus_per_stage >= 0, "--gpus-per-stage must be >= 0",
+             self.gpus_per_stage),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0", self.checkpoint_every),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1", self.keep_checkpoints),
         ]
         for ok, message, value in checks:
             if not ok:
-                raise ValueError(f"{message} (got {value!r})")
+                raise ConfigError(f"{message} (got {value!r})")
 
     def learner_spec(self, in_shape: tuple[int, int, int]) -> LearnerSpec:
-        return LearnerSpec(parse_blocks(self.layers), in_shape, self.objective, self.deltas, self.lr,
-                           self.head, self.loss_grid, self.seed, self.norm)
+        """What every learner shares, for frames of `in_shape`; refuses a network the frames cannot feed."""
+        blocks = parse_blocks(self.layers)
+        try:
+            output_shapes(blocks, in_shape)
+        except ValueError as e:
+            raise ConfigError(f"--layers {self.layers} with --size {in_shape[1]}: {e}") from None
+        return LearnerSpec(blocks, in_shape, self.objective, self.deltas, self.lr, self.head, self.loss_grid,
+                           self.seed, self.norm)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -107,16 +167,40 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        d.pop("n_layers", None)
-        d["deltas"] = tuple(d.get("deltas", ()))
-        grid = d.get("loss_grid", ())
-        d["loss_grid"] = (grid,) if isinstance(grid, int) else tuple(grid)  # runs written before per-layer grids
-        if d.get("head") is not None:
-            d["head"] = tuple(d["head"])
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = set(d) - names
+    def from_dict(cls, d: Any, source: str = "config") -> TrainConfig:
+        """A config as `to_dict` wrote it (config.json, a checkpoint's record); every problem is a ConfigError
+        naming `source` and the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings (got {type(d).__name__})")
+        d = {k: v for k, v in d.items() if k != "n_layers"}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
-        return cls(**d)
+            raise ConfigError(f"{source}: unknown settings {unknown}")
+        if isinstance(d.get("loss_grid"), int):  # runs written before per-layer grids
+            d["loss_grid"] = [d["loss_grid"]]
+        for key, value in d.items():
+            kind = str(fields[key].type)
+            d[key] = _typed(value, kind, f"{source}: '{key}'")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _typed(value: Any, kind: str, where: str) -> Any:
+    """`value` (from JSON) as the field type `kind` names, or a ConfigError."""
+    if value is None and "None" in kind:
+        return None
+    base = kind.replace(" | None", "")
+    if base.startswith("tuple[") and isinstance(value, list | tuple):
+        item: type = float if "float" in base else int
+        if all(isinstance(v, int | item) and not isinstance(v, bool) for v in value):
+            return tuple(item(v) for v in value)
+    elif base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif base == "str" and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} must be {kind} (got {value!r:.60})")

@@ -1,10 +1,13 @@
-"""The run directory: resolved config, per-step per-layer metrics (Parquet), checkpoint, loss plot.
+"""The run directory: everything a run leaves behind, and the one place that knows where each piece lives.
 
     RUN_DIR/config.json      the resolved TrainConfig
-    RUN_DIR/metrics.parquet  one row per (micro-batch, layer): loss, pos, neg, over, spread, time
-    RUN_DIR/checkpoint.pt    every learner's state (weights, optimizer, steps) and the config, at the end
-    RUN_DIR/checkpoints/     barrier checkpoints during the run (pipeline/checkpoint.py): resume, recovery
-    RUN_DIR/loss.png         the loss curve of every layer
+    RUN_DIR/metrics/         one row per (micro-batch, layer), Parquet parts written as the run goes
+                             ([Note: metrics that survive] in pipeline/telemetry/metrics_log.py)
+    RUN_DIR/checkpoints/     barrier checkpoints, or wherever --checkpoint-uri says
+                             ([Note: the checkpoint store] in pipeline/checkpoints/store.py)
+    RUN_DIR/loss.png         loss and feature spread of every layer (`lamina report` redraws it)
+    RUN_DIR/probe.json       after `lamina probe`
+    RUN_DIR/control.json     while it trains: the control plane's address and token (pipeline/control/server.py)
 """
 
 from __future__ import annotations
@@ -15,69 +18,51 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
+from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
-
-METRIC_NAMES = ("loss", "pos", "neg", "over", "spread")
+from pipeline.errors import ConfigError
+from pipeline.telemetry.collapse import COLLAPSE_SPREAD
+from pipeline.telemetry.metrics_log import read_metrics
 
 
 def default_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary sibling, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.metrics = self.path / "metrics"
 
     def create(self, cfg: TrainConfig) -> RunDir:
+        """Make the directory and write config.json (atomically: a reader never sees half of it)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--run-dir {self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "config.json",
-                      lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n"))
+        tmp = self.path / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        os.replace(tmp, self.path / "config.json")
         return self
 
     def config(self) -> TrainConfig:
         f = self.path / "config.json"
         if not f.is_file():
-            raise FileNotFoundError(f"{self.path} is not a lamina run directory (no config.json)")
-        return TrainConfig.from_dict(json.loads(f.read_text()))
+            raise ConfigError(f"{self.path} is not a lamina run directory (no config.json)")
+        try:
+            settings = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"{f}: not readable JSON ({e})") from None
+        return TrainConfig.from_dict(settings, str(f))
 
-    def save_checkpoint(self, cfg: TrainConfig, in_shape: tuple[int, int, int], learners: list[dict],
-                        step: int) -> None:
-        state = {"config": cfg.to_dict(), "in_shape": in_shape, "learners": learners, "step": step}
-        _atomic_write(self.path / "checkpoint.pt", lambda p: torch.save(state, p))
-
-    def load_checkpoint(self) -> dict:
-        f = self.path / "checkpoint.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{self.path}: no checkpoint.pt (did the run finish?)")
-        return torch.load(f, map_location="cpu", weights_only=False)
-
-    def write_metrics(self, rows: list[dict]) -> Path:
-        f = self.path / "metrics.parquet"
-        table = pa.Table.from_pylist(rows, schema=pa.schema(
-            [("step", pa.int64()), ("layer", pa.int32()), ("time", pa.float64())]
-            + [(name, pa.float64()) for name in METRIC_NAMES]))
-        _atomic_write(f, lambda p: pq.write_table(table, p))
-        return f
-
-    def previous_metrics(self, before: int) -> list[dict]:
-        """Rows of metrics.parquet for micro-batches below `before` (what a resumed run keeps); [] if none.
-        A run stopped hard (no metrics written) loses its rows, not its weights."""
-        if not (self.path / "metrics.parquet").is_file():
-            return []
-        return [r for r in self.read_metrics().to_pylist() if r["step"] < before]
+    def store(self, cfg: TrainConfig, in_shape: tuple[int, int, int] | None = None) -> CheckpointStore:
+        """The run's checkpoint store; with `in_shape`, every checkpoint it completes records the config and
+        frame shape, so that it can be probed or resumed on its own."""
+        meta = {"config": cfg.to_dict(), "in_shape": list(in_shape)} if in_shape is not None else None
+        return CheckpointStore(cfg.checkpoint_uri or str(self.path / "checkpoints"), cfg.keep_checkpoints, meta)
 
     def read_metrics(self) -> pa.Table:
-        return pq.read_table(self.path / "metrics.parquet")
+        return read_metrics(self.metrics)
 
     def plot_losses(self) -> Path:
         """loss.png: per layer, the local loss (smoothed) and the feature spread against micro-batches."""
@@ -97,9 +82,11 @@ class RunDir:
                 w = max(1, len(y) // 50)
                 smooth = np.convolve(y, np.ones(w) / w, mode="valid")
                 ax.plot(steps[sel][w - 1:], smooth, label=f"layer {k + 1}")
-        axes[0].set(title="local loss", xlabel="micro-batch")
-        axes[1].set(title="feature spread (collapse -> 0)", xlabel="micro-batch")
+        axes[1].axhline(COLLAPSE_SPREAD, ls=":", color="grey", label="collapse alarm")
+        axes[0].set(title="local loss (smoothed)", xlabel="micro-batch", ylabel="loss")
+        axes[1].set(title="feature spread (collapse -> 0)", xlabel="micro-batch", ylabel="spread")
         axes[0].legend()
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         out = self.path / "loss.png"
         fig.savefig(out, dpi=100)

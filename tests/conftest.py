@@ -1,16 +1,27 @@
-"""Fixtures every test file can use: a fixed seed per test, and the real data shared with the project."""
+"""Fixtures every test file can use: a fixed seed per test, the real data shared with the project, and one
+local Ray of the test session's own.
+
+Other Ray instances may run on the machine (another test session, a `ray start` cluster): the tests' Ray
+is started with address="local", never joined by discovery, and every state-API call names its address
+(`ray_local`'s value).
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 # Real data nobody on this project made (../shared/data from the repository root); absent for end users.
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+TEST_RAY_CPUS = 4  # logical CPUs of the test Ray: three 1-CPU stages fit on this 2-core machine
+
+_session_ray: dict[str, str] = {}  # the GCS address of the Ray this session started, while it runs
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +38,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[str]:
+    """The session's local Ray (4 logical CPUs, dashboard for the state API, token auth as Ray sets it),
+    started on first use and shared by every module; its GCS address. A module that needs a Ray of another
+    shape (tests/test_multinode.py) shuts this one down, and the next module to ask starts it again.
+
+    Metrics are exported every second instead of every few, so a test reads its gauges back sooner.
+    """
+    current = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    if current is None or current != _session_ray.get("address"):
+        if ray.is_initialized():
+            ray.shutdown()
+        ctx = ray.init(address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                       logging_level="WARNING", log_to_driver=False,
+                       _system_config={"metrics_report_interval_ms": 1000})
+        _session_ray["address"] = ctx.address_info["gcs_address"]
+    yield _session_ray["address"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if ray.is_initialized():
+        ray.shutdown()

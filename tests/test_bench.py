@@ -6,18 +6,15 @@ The real quick bench (`lamina bench --quick`, a minute or two) is marked slow; t
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from ray_fixtures import init_ray
 
-from pipeline import cli
-from pipeline.bench import suite
+from pipeline.bench import report, suite
 from pipeline.bench.transport import KB, MB
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,16 +23,9 @@ TINY = suite.BenchConfig(layers="conv:8,conv:8", clips=4, clip_len=3, size=16, s
                          warmup=2, steps=3, repeats=1, hop_sizes=(64 * KB, 1 * MB), hop_rounds=2)
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    init_ray()
-    yield
-    ray.shutdown()
-
-
-def test_bench_measures_everything_side_by_side(ray_local: None, tmp_path: Path) -> None:
+def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) -> None:
     res = suite.run_bench(TINY)
-    table = suite.write(res, tmp_path)
+    table = report.write(res, tmp_path)
 
     head = res["headline"]
     assert head["stages"] == 2 and len(head["t_iso_s"]) == 2 and head["rate"] > 0
@@ -50,7 +40,7 @@ def test_bench_measures_everything_side_by_side(ray_local: None, tmp_path: Path)
     assert all(s["rate"] > 0 and 0 < s["efficiency"] < 1.5 for s in res["scaling"])
     memory = res["memory"][4]
     assert set(memory) == {"layers 0-0", "layers 1-1", "e2e 0-1"}
-    assert all(mb > -1 for mb in memory.values())  # tiny layers: the peak may be within the allocator slack
+    assert all(math.isfinite(mb) for mb in memory.values())  # tiny layers: the peak may be within allocator slack
     assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
     assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
 
@@ -64,12 +54,6 @@ def test_bench_measures_everything_side_by_side(ray_local: None, tmp_path: Path)
 def test_bench_config_rejects_uneven_splits() -> None:
     with pytest.raises(ValueError, match="divide"):
         suite.BenchConfig(layers="conv:8,conv:8,conv:8", stages=(2,))
-
-
-def test_bench_cli_parses() -> None:
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--help"])
-    assert e.value.code == 0
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pipeline.collapse import CollapseAlarm
+from pipeline.telemetry.collapse import CollapseAlarm
 
 
 def test_alarm_fires_after_warmup_and_clears(caplog: pytest.LogCaptureFixture) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pipeline import control_pb2 as pb
-from pipeline.control import CONTROL_FILE, ControlClient, ControlHandlers, ControlServer
+from pipeline.control import control_pb2 as pb
+from pipeline.control.server import CONTROL_FILE, ControlClient, ControlHandlers, ControlServer
 
 
 @pytest.fixture()
@@ -82,7 +82,7 @@ def test_a_training_run_answers_status_checkpoint_and_stop(tmp_path: Path) -> No
 
     import numpy as np
 
-    from pipeline.checkpoint import CheckpointStore
+    from pipeline.checkpoints import CheckpointStore
 
     data = tmp_path / "seq.npz"
     rng = np.random.default_rng(0)

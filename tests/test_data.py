@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import ClipSampler, DataError, Videos, load_videos
-from pipeline.data.moving_mnist import CANVAS, moving_mnist_videos
-from pipeline.data.npz import npz_videos
-from pipeline.data.synthetic import CLASS_NAMES, synthetic_videos
+from pipeline.errors import ConfigError, DataError
+from pipeline.sources import ClipSampler, Videos, load_videos
+from pipeline.sources.moving_mnist import CANVAS, moving_mnist_videos
+from pipeline.sources.npz import npz_videos
+from pipeline.sources.synthetic import CLASS_NAMES, synthetic_videos
 
 # ---------------------------------------------------------------------------------------------- sampler
 
@@ -124,7 +125,7 @@ def test_strided_clips_take_every_stride_th_frame_and_stay_inside_the_sequence(w
 ])
 def test_sampler_rejects_bad_arguments_by_flag(kwargs: dict, fragment: str) -> None:
     args = {"clips": 2, "clip_len": 2, "seed": 0} | kwargs
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises(ConfigError, match=fragment):
         ClipSampler(numbered_videos(length=10), **args)
     with pytest.raises(ValueError, match="-1"):
         ClipSampler(numbered_videos(), clips=2, clip_len=2, seed=0).batch(-1)
@@ -313,8 +314,8 @@ def test_synthetic_class_is_not_given_away_by_mean_brightness() -> None:
     ("sequences=0", "sequences=0"), ("seed=-1", "seed=-1"), ("noise=2", "noise=2"), ("frames", "frames"),
     ("frames=4,frames=5", "frames"),
 ])
-def test_synthetic_bad_option_raises_value_error_naming_it(options: str, key: str) -> None:
-    with pytest.raises(ValueError, match=key):
+def test_synthetic_bad_option_raises_data_error_naming_it(options: str, key: str) -> None:
+    with pytest.raises(DataError, match=key):
         load_videos(f"synthetic:{options}", 16)
 
 
@@ -419,9 +420,9 @@ def test_moving_mnist_without_a_path_or_with_a_bad_option(tmp_path: Path) -> Non
     with pytest.raises(DataError, match="no path"):
         load_videos("moving-mnist:", 32)
     path = write_mnist(tmp_path / "mnist.npz")
-    with pytest.raises(ValueError, match="frames=one"):
+    with pytest.raises(DataError, match="frames=one"):
         load_videos(f"moving-mnist:{path},frames=one", 32)
-    with pytest.raises(ValueError, match="colour"):
+    with pytest.raises(DataError, match="colour"):
         load_videos(f"moving-mnist:{path},colour=1", 32)
 
 
@@ -429,9 +430,9 @@ def test_moving_mnist_without_a_path_or_with_a_bad_option(tmp_path: Path) -> Non
 
 
 def test_unknown_data_kind_names_the_spec() -> None:
-    with pytest.raises(ValueError, match="webcam:0"):
+    with pytest.raises(ConfigError, match="webcam:0"):
         load_videos("webcam:0")
     with pytest.raises(ValueError, match="'test'"):
         load_videos("synthetic", split="test")
-    with pytest.raises(ValueError, match="--size"):
+    with pytest.raises(ConfigError, match="--size"):
         load_videos("synthetic", size=2)

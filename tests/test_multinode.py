@@ -16,7 +16,7 @@ import pytest
 import ray
 from ray._private.authentication_test_utils import reset_auth_token_state  # Ray's own test helper
 from ray.cluster_utils import Cluster
-from ray_fixtures import (
+from support import (
     Recorder,
     ensure_auth_token,
     ray_head,
@@ -27,7 +27,8 @@ from ray_fixtures import (
     tiny_npz,
 )
 
-from pipeline.ray_engine import StagePipeline
+from pipeline.engines.placement import StageActors
+from pipeline.engines.ray_engine import RayPipeline
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -65,13 +66,14 @@ def test_spread_runs_the_two_stages_on_different_nodes(two_nodes: Cluster, tmp_p
     spec, sampler = setup(cfg)
     calls = Recorder()
 
-    with StagePipeline(cfg, spec) as pipe:
-        placed = [info["node_id"] for info in pipe.info]  # each actor's ray.get_runtime_context().get_node_id()
+    with StageActors(cfg, spec) as actors:
+        placed = [info["node_id"] for info in actors.info]  # each actor's ray.get_runtime_context().get_node_id()
+        pipe = RayPipeline(actors)
         pipe.train(sampler, 0, cfg.steps, calls)
         states = pipe.states()
 
     assert len(set(placed)) == 2 and set(placed) == nodes, placed
-    assert [m for m, _ in calls.calls] == list(range(cfg.steps))
+    assert calls.steps == list(range(cfg.steps))
     # Activations crossed from one node's object store to the other's; the result is still the loop's.
     assert state_differences(states, sequential(cfg, sampler)) == []
 
@@ -85,8 +87,8 @@ def test_pack_keeps_the_two_stages_on_one_node(two_nodes: Cluster, tmp_path: Pat
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(0.1)
 
-    with StagePipeline(cfg, spec) as pipe:
-        placed = [info["node_id"] for info in pipe.info]
+    with StageActors(cfg, spec) as actors:
+        placed = [info["node_id"] for info in actors.info]
 
     assert len(set(placed)) == 1, placed
 
@@ -111,4 +113,4 @@ def test_ray_job_submit_runs_lamina_train_on_a_head_started_with_ray_start(tmp_p
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-4000:]
     assert "joined the Ray cluster" in out  # the job's driver used the cluster, not a Ray of its own
-    assert (run_dir / "checkpoint.pt").is_file()
+    assert (run_dir / "checkpoints" / "step-000005" / "COMPLETE").is_file()

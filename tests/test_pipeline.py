@@ -1,8 +1,8 @@
 """The Ray pipeline engine on one local Ray: transparency (the spine), overlap and backpressure, failures,
 interruption, placement errors, metrics, and the `lamina train` path.
 
-One Ray instance (with the dashboard: the state API behind `ray list actors` lives there) serves the
-module; every run builds its own stage actors, so each pipelined run costs a few seconds of actor start.
+The session's local Ray (conftest.py) serves every test; each run builds its own stage actors, so each
+pipelined run costs a few seconds of actor start.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import logging
 import math
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 from ray.util.state import list_actors
-from ray_fixtures import (
+from support import (
     Recorder,
     count_tensors,
-    init_ray,
     run_actors,
     run_placement_groups,
     sequential,
@@ -35,23 +33,20 @@ from ray_fixtures import (
     wait_until,
 )
 
-from pipeline import cli, ray_engine
+from pipeline import cli
 from pipeline.bench import transport as transport_bench
+from pipeline.checkpoints import Checkpoint, Ledger
 from pipeline.config import TrainConfig
-from pipeline.data import ClipSampler, MicroBatch
-from pipeline.ray_engine import PlacementError, StageError, StagePipeline, run_ray
+from pipeline.engines import placement
+from pipeline.engines.placement import StageActors
+from pipeline.engines.ray_engine import RayPipeline, run_ray
+from pipeline.errors import PlacementError, StageError
 from pipeline.rundir import RunDir
-from pipeline.telemetry import DRIVER_GAUGES, LAYER_GAUGES, PREFIX, STAGE_GAUGES
-from workers.learner import Stage
+from pipeline.sources import ClipSampler, MicroBatch
+from pipeline.telemetry.gauges import DRIVER_GAUGES, LAYER_GAUGES, PREFIX, STAGE_GAUGES
+from workers.learner import LearnerStack
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    init_ray(dashboard=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -83,33 +78,43 @@ class NaNAt:
 # -- transparency: the spine ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("layers_per_stage", "queue_depth", "stages", "resume_at"),
-                         [(1, 2, 3, 0), (2, 3, 2, 4)], ids=["3-stages", "2-layers-per-stage-resumed"])
-def test_pipelined_run_equals_the_sequential_loop_bit_for_bit(ray_local: None, data: str, layers_per_stage: int,
-                                                              queue_depth: int, stages: int, resume_at: int) -> None:
-    cfg = tiny_config(data, layers_per_stage=layers_per_stage, queue_depth=queue_depth, steps=10)
+ZOO = {  # the networks and settings the pipeline must not change a bit of
+    "3-stages": ({}, 3, 0),
+    "2-layers-per-stage-resumed": ({"layers_per_stage": 2, "queue_depth": 3}, 2, 4),
+    "mlp-top-depth-1": ({"layers": "conv:8,conv:8,mlp:16", "queue_depth": 1}, 3, 0),
+    "no-head": ({"head": None}, 3, 0),
+    "channel-norm-hinge-neg": ({"norm": "channel", "objective": "hinge-neg", "deltas": (0.3, 0.2, 0.1)}, 3, 0),
+}
+
+
+@pytest.mark.parametrize("variant", list(ZOO))
+def test_pipelined_run_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str) -> None:
+    overrides, stages, resume_at = ZOO[variant]
+    cfg = tiny_config(data, steps=10, **overrides)
     spec, sampler = setup(cfg)
     piped_calls, ref_calls = Recorder(), Recorder()
     # resume_at > 0: the pipeline starts from the loop's state after `resume_at` micro-batches (a resume).
-    half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler) if resume_at else None
+    resume = None
+    if resume_at:
+        half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler)
+        resume = Checkpoint(resume_at, half, [Ledger([[0, resume_at]]) for _ in half])
 
-    piped = run_ray(cfg, spec, sampler, piped_calls, start=resume_at, states=half)
+    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume).states
     ref = sequential(cfg, sampler, ref_calls)
 
     # The pipeline really had `stages` actors, and every layer learned from every micro-batch.
-    assert {int(mt["stage"]) for _, rows in piped_calls.calls for _, mt in rows} == set(range(stages))
+    assert {r.stage for _, reports in piped_calls.calls for r in reports} == set(range(stages))
     assert [s["steps"] for s in piped] == [cfg.steps] * cfg.n_layers
     # Weights, Adam moments and step counts of every layer: bit for bit.
     assert count_tensors(piped) == count_tensors(ref) > 3 * cfg.n_layers
     assert state_differences(piped, ref) == []
     # on_step: once per micro-batch, in order, every layer, the same metrics as the loop computed.
-    assert [m for m, _ in piped_calls.calls] == list(range(resume_at, cfg.steps))
-    assert [[(k, {n: mt[n] for n in LAYER_GAUGES}) for k, mt in rows] for _, rows in piped_calls.calls] == \
-        [rows for _, rows in ref_calls.calls[resume_at:]]
+    assert piped_calls.steps == list(range(resume_at, cfg.steps))
+    assert piped_calls.layers() == ref_calls.layers()[resume_at:]
 
     # The comparison is sharp: learning moved the weights, and a different seed, or the same micro-batches
     # in another order (what an out-of-order pipeline would compute), gives different bits.
-    init = Stage.layer_local(spec, 0, cfg.n_layers).state_dict()["learners"]
+    init = [lrn.state_dict() for lrn in LearnerStack.layer_local(spec, 0, cfg.n_layers).learners]
     assert state_differences([s["modules"] for s in piped], [s["modules"] for s in init])
     other_seed = dataclasses.replace(cfg, seed=cfg.seed + 1)
     assert state_differences(piped, sequential(other_seed, setup(other_seed)[1]))
@@ -123,7 +128,7 @@ DEPTH = 2
 
 
 @pytest.fixture(scope="module")
-def intervals(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[tuple[int, float, float]]]:
+def intervals(ray_local: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[tuple[int, float, float]]]:
     """Busy intervals (m, start, end) per stage of one 2-stage run whose top stage is the slower one
     (conv 1->8 at 32x32, then 8->128 at 16x16: about 7 and 20 ms a step here)."""
     data = tiny_npz(tmp_path_factory.mktemp("data32"), sequences=16, length=8, size=32)
@@ -132,9 +137,9 @@ def intervals(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict
     calls = Recorder()
     run_ray(cfg, spec, sampler, calls)
     out: dict[int, list[tuple[int, float, float]]] = {0: [], 1: []}
-    for m, rows in calls.calls:
-        for _, mt in rows:
-            out[int(mt["stage"])].append((m, mt["busy_start"], mt["busy_end"]))
+    for m, reports in calls.calls:
+        for r in reports:
+            out[r.stage].append((m, r.start, r.end))
     return out
 
 
@@ -160,7 +165,7 @@ def test_a_fast_stage_runs_at_most_queue_depth_ahead(intervals: dict[int, list[t
 # -- lifecycle: failures, Ctrl-C, placement ---------------------------------------------------------------
 
 
-def test_a_failing_stage_stops_the_run_once_naming_stage_and_micro_batch(ray_local: None, data: str,
+def test_a_failing_stage_stops_the_run_once_naming_stage_and_micro_batch(ray_local: str, data: str,
                                                                          tmp_path: Path) -> None:
     cfg = tiny_config(data, steps=12, run_dir=str(tmp_path / "failrun"))
     spec, sampler = setup(cfg)
@@ -175,14 +180,14 @@ def test_a_failing_stage_stops_the_run_once_naming_stage_and_micro_batch(ray_loc
     assert isinstance(err.cause, FloatingPointError) and "nan" in str(err.cause)
     assert re.search(r"stage 0 \(lamina-failrun-[0-9a-f]{4}-stage0\) failed on micro-batch 5", str(err)), str(err)
     # on_step saw a prefix of the micro-batches before the failure, never the failed one.
-    seen = [m for m, _ in calls.calls]
+    seen = calls.steps
     assert seen == list(range(len(seen))) and len(seen) <= 5
     # Torn down: no stage actor, no placement group left behind.
     assert wait_until(lambda: not run_actors("failrun")), run_actors("failrun")
     assert run_placement_groups("failrun") == []
 
 
-def test_ctrl_c_drains_then_tears_down_and_re_raises(ray_local: None, data: str, tmp_path: Path,
+def test_ctrl_c_drains_then_tears_down_and_re_raises(ray_local: str, data: str, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(data, layers="conv:8,conv:8", steps=200, run_dir=str(tmp_path / "intrun"))
     spec, sampler = setup(cfg)
@@ -192,18 +197,18 @@ def test_ctrl_c_drains_then_tears_down_and_re_raises(ray_local: None, data: str,
             raise KeyboardInterrupt
 
     calls = Recorder(interrupt)
-    with caplog.at_level(logging.WARNING, logger="pipeline.ray_engine"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="pipeline.engines.ray_engine"), pytest.raises(KeyboardInterrupt):
         run_ray(cfg, spec, sampler, calls)
 
-    assert [m for m, _ in calls.calls] == [0, 1, 2, 3]  # nothing reported after the interrupt
+    assert calls.steps == [0, 1, 2, 3]  # nothing reported after the interrupt
     assert "draining" in caplog.text
     assert wait_until(lambda: not run_actors("intrun")), run_actors("intrun")
     assert run_placement_groups("intrun") == []
 
 
 def test_stages_that_do_not_fit_fail_with_the_bundles_and_the_cluster_named(
-        ray_local: None, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ray_engine, "PLACEMENT_TIMEOUT_S", 1.0)
+        ray_local: str, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(placement, "PLACEMENT_TIMEOUT_S", 1.0)
     cfg = tiny_config(data, cpus_per_stage=3.0, run_dir=str(tmp_path / "bigrun"))  # 3 x 3 CPUs > 4
     spec, sampler = setup(cfg)
 
@@ -232,7 +237,7 @@ def _series(text: str, run: str) -> dict[tuple[str, str, str], float]:
     return out
 
 
-def test_stage_metrics_reach_prometheus_and_the_actors_are_listed(ray_local: None, data: str,
+def test_stage_metrics_reach_prometheus_and_the_actors_are_listed(ray_local: str, data: str,
                                                                   tmp_path: Path) -> None:
     cfg = tiny_config(data, layers_per_stage=2, steps=6, run_dir=str(tmp_path / "metricsrun"))  # stages 0-1 | 2
     spec, sampler = setup(cfg)
@@ -246,23 +251,25 @@ def test_stage_metrics_reach_prometheus_and_the_actors_are_listed(ray_local: Non
     def scrape() -> bool:
         nonlocal series
         with urllib.request.urlopen(url, timeout=5) as page:
-            series = _series(page.read().decode(), pipe.run)
+            series = _series(page.read().decode(), actors.run_id)
         return layer_keys | stage_keys <= set(series)
 
-    with StagePipeline(cfg, spec) as pipe:
-        pipe.train(sampler, 0, cfg.steps, calls)
+    with StageActors(cfg, spec) as actors:
+        RayPipeline(actors).train(sampler, 0, cfg.steps, calls)
         # `ray list actors` (the state API) shows the stage actors by name while they run.
-        alive = {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])}
-        assert set(pipe.names) <= alive, (pipe.names, alive)
-        assert pipe.names == [f"lamina-{pipe.run}-stage{k}" for k in range(2)]
+        alive = {a.name: a for a in list_actors(address=ray_local, filters=[("state", "=", "ALIVE")], detail=True)}
+        assert set(actors.names) <= set(alive), (actors.names, alive)
+        assert actors.names == [f"lamina-{actors.run_id}-stage{k}" for k in range(2)]
+        assert alive[actors.names[0]].repr_name == f"{actors.names[0]} layers [1, 2] on cpu"  # dashboard's Repr
         found = wait_until(scrape, timeout=40, every=1.0)
 
     assert found, sorted(layer_keys | stage_keys - set(series))
     # The gauges hold the last micro-batch's values, as the stages reported them to the driver.
     _, last = calls.calls[-1]
-    for layer, mt in last:
-        for g in LAYER_GAUGES:
-            assert series[(PREFIX + g, str(int(mt["stage"])), str(layer))] == pytest.approx(mt[g], abs=1e-9)
+    for report in last:
+        for lr in report.layers:
+            for g in LAYER_GAUGES:
+                assert series[(PREFIX + g, str(report.stage), str(lr.layer))] == pytest.approx(getattr(lr, g), abs=1e-9)
     assert all(0 <= series[(PREFIX + "busy_fraction", s, "")] <= 1 for s in ("0", "1"))
     assert all(series[(PREFIX + "microbatches_per_s", s, "")] > 0 for s in ("0", "1"))
 
@@ -270,8 +277,7 @@ def test_stage_metrics_reach_prometheus_and_the_actors_are_listed(ray_local: Non
 # -- the command line: `lamina train` is the Ray engine ---------------------------------------------------
 
 
-def test_lamina_train_runs_the_ray_engine_by_default(ray_local: None, data: str, tmp_path: Path) -> None:
-    assert TrainConfig().engine == "ray"
+def test_lamina_train_runs_the_ray_engine_by_default(ray_local: str, data: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "clirun"
     rc = cli.main(["train", "--data", data, "--layers", "conv:8,conv:8", "--size", "16", "--clips", "4",
                    "--clip-len", "3", "--steps", "5", "--run-dir", str(run_dir)])
@@ -280,15 +286,17 @@ def test_lamina_train_runs_the_ray_engine_by_default(ray_local: None, data: str,
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["engine"], config["run_dir"]) == ("ray", str(run_dir))
     metrics = RunDir(run_dir).read_metrics().to_pydict()
-    assert sorted(zip(metrics["step"], metrics["layer"], strict=True)) == [(m, k) for m in range(5) for k in (0, 1)]
-    checkpoint = RunDir(run_dir).load_checkpoint()
-    assert checkpoint["step"] == 5 and [s["steps"] for s in checkpoint["learners"]] == [5, 5]
+    assert list(zip(metrics["step"], metrics["layer"], metrics["stage"], strict=True)) == \
+        [(m, k, k) for m in range(5) for k in (0, 1)]  # one stage per layer
+    checkpoint = RunDir(run_dir).store(TrainConfig.from_dict(config)).load_latest()
+    assert checkpoint is not None and checkpoint.step == 5 and [s["steps"] for s in checkpoint.learners] == [5, 5]
+    assert checkpoint.meta["in_shape"] == [1, 16, 16]
 
 
 # -- the measurement behind the transport ---------------------------------------------------------------
 
 
-def test_transport_bench_measures_every_transport_against_memcpy(ray_local: None) -> None:
+def test_transport_bench_measures_every_transport_against_memcpy(ray_local: str) -> None:
     rows = transport_bench.hop_costs(sizes=[64 * 1024], rounds=3, warmup=1)
 
     (row,) = rows

@@ -10,35 +10,21 @@ import os
 import random
 import resource
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-from ray_fixtures import (
-    Recorder,
-    init_ray,
-    run_actors,
-    sequential,
-    setup,
-    state_differences,
-    tiny_config,
-    tiny_npz,
-)
+from support import Recorder, run_actors, sequential, setup, state_differences, tiny_config, tiny_npz
 
-from pipeline.checkpoint import Checkpointing, CheckpointStore, RunControl
+from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
-from pipeline.ray_engine import RecoveryError, StageError, StagePipeline, run_ray
+from pipeline.control import RunControl
+from pipeline.engines.placement import StageActors
+from pipeline.engines.ray_engine import RayPipeline, run_ray
+from pipeline.errors import RecoveryError, StageError, StageLost
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    init_ray()
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +39,13 @@ def small(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:
     return tiny_config(data, **fields)
 
 
-def kill(pipe: StagePipeline, k: int, how: str) -> bool:
+def kill(actors: StageActors, k: int, how: str) -> bool:
     """Kill stage k; False when it was already dead (an earlier kill the driver has not noticed yet)."""
     if how == "ray.kill":
-        ray.kill(pipe.actors[k])
+        ray.kill(actors.handles[k])
         return True
     try:  # the worker process dies as on an OOM kill or a crash: no goodbye to Ray
-        pid = ray.get(pipe.actors[k].info.remote())["pid"]
+        pid = ray.get(actors.handles[k].info.remote())["pid"]
     except ray.exceptions.RayActorError:
         return False
     os.kill(pid, signal.SIGKILL)
@@ -67,20 +53,20 @@ def kill(pipe: StagePipeline, k: int, how: str) -> bool:
 
 
 def run_with_kills(cfg: TrainConfig, kills: dict[int, tuple[int, str]],
-                   store: CheckpointStore) -> tuple[list[dict], list[Any], Recorder, StagePipeline, int]:
+                   store: CheckpointStore) -> tuple[list[dict], list[Any], Recorder, RayPipeline, int]:
     """Train cfg, killing stage k (how) right after on_step has seen micro-batch m, for m in `kills`."""
     spec, sampler = setup(cfg)
-    pipe = StagePipeline(cfg, spec, checkpointing=Checkpointing(store, cfg.checkpoint_every))
-    calls = Recorder(lambda m: killed.append(kill(pipe, *kills[m])) if m in kills else None)
-    killed: list[bool] = []
-    with pipe:
+    with StageActors(cfg, spec) as actors:
+        pipe = RayPipeline(actors, store)
+        killed: list[bool] = []
+        calls = Recorder(lambda m: killed.append(kill(actors, *kills[m])) if m in kills else None)
         pipe.train(sampler, 0, cfg.steps, calls)
         return pipe.states(), pipe.ledgers(), calls, pipe, sum(killed)
 
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
-def test_a_killed_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: None, data: str, tmp_path: Path,
+def test_a_killed_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, data: str, tmp_path: Path,
                                                                   how: str, seed: int) -> None:
     cfg = small(data, tmp_path)
     rng = random.Random(f"{how}-{seed}")
@@ -92,48 +78,51 @@ def test_a_killed_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: Non
 
     # A recovery per kill, except that a kill landing before the driver noticed the previous death (its
     # on_step calls for finished micro-batches still arrive) is absorbed by the same recovery.
-    assert 1 <= effective and 1 <= pipe.recoveries <= len(kills), (kills, effective, pipe.recoveries)
+    assert pipe.recovery is not None
+    assert 1 <= effective and 1 <= pipe.recovery.count <= len(kills), (kills, effective, pipe.recovery.count)
 
-    assert [m for m, _ in calls.calls] == list(range(cfg.steps))  # on_step: each micro-batch once, in order
+    assert calls.steps == list(range(cfg.steps))  # on_step: each micro-batch once, in order
     assert all(lg.exactly_once(cfg.steps) for lg in ledgers), (kills, ledgers)
     assert state_differences(states, sequential(cfg, setup(cfg)[1])) == [], kills
     final = store.load_latest()  # the end-of-run checkpoint holds the same ledger
     assert final is not None and final.step == cfg.steps
     assert all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
     assert len(store.steps()) <= cfg.keep_checkpoints
-    assert run_actors(pipe.run) == []
+    assert run_actors(pipe.actors.run_id) == []
 
 
 class KillOnBatch:
     """A sampler that kills stage 1 every time micro-batch `m` is drawn: a failure that recurs on replay."""
 
-    def __init__(self, sampler: Any, m: int) -> None:
-        self.sampler, self.m, self.pipe, self.kills = sampler, m, None, 0
+    def __init__(self, sampler: Any, m: int, actors: StageActors) -> None:
+        self.sampler, self.m, self.actors, self.kills = sampler, m, actors, 0
+        self.name, self.frame_shape = sampler.name, sampler.frame_shape
 
     def batch(self, m: int) -> Any:
-        if m == self.m and self.pipe is not None:
+        if m == self.m:
             self.kills += 1
-            ray.kill(self.pipe.actors[1])
+            ray.kill(self.actors.handles[1])
         return self.sampler.batch(m)
 
 
-def test_a_failure_that_recurs_stops_the_run_instead_of_looping(ray_local: None, data: str,
+def test_a_failure_that_recurs_stops_the_run_instead_of_looping(ray_local: str, data: str,
                                                                  tmp_path: Path) -> None:
     cfg = small(data, tmp_path, steps=10, checkpoint_every=2)
     spec, sampler = setup(cfg)
     store = CheckpointStore(str(tmp_path / "ck"))
-    poisoned = KillOnBatch(sampler, 6)
-    with StagePipeline(cfg, spec, checkpointing=Checkpointing(store, cfg.checkpoint_every)) as pipe:
-        pipe.max_recoveries = 1
-        poisoned.pipe = pipe
+    with StageActors(cfg, spec) as actors:
+        pipe = RayPipeline(actors, store)
+        assert pipe.recovery is not None
+        pipe.recovery.max_in_a_row = 1
+        poisoned = KillOnBatch(sampler, 6, actors)
         with pytest.raises(RecoveryError, match=r"failures in a row without progress") as info:
-            pipe.train(poisoned, 0, cfg.steps, Recorder())  # type: ignore[arg-type]
-    assert isinstance(info.value.__cause__, StageError)
-    assert poisoned.kills == pipe.recoveries + 1 <= 1 + 4  # bounded: no endless loop
+            pipe.train(poisoned, 0, cfg.steps, Recorder())
+    assert isinstance(info.value.__cause__, StageLost)
+    assert poisoned.kills == pipe.recovery.count + 1 <= 1 + 4  # bounded: no endless loop
     assert store.latest_complete() is not None and store.latest_complete() <= 6  # type: ignore[operator]
 
 
-def test_an_application_error_is_not_retried(ray_local: None, data: str, tmp_path: Path) -> None:
+def test_an_application_error_is_not_retried(ray_local: str, data: str, tmp_path: Path) -> None:
     import math
 
     import torch
@@ -146,21 +135,21 @@ def test_an_application_error_is_not_retried(ray_local: None, data: str, tmp_pat
             b = self.sampler.batch(m)
             return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == 4 else b
 
-    cfg = small(data, tmp_path, steps=8)
+    cfg = small(data, tmp_path, steps=8, checkpoint_every=2)
     spec, sampler = setup(cfg)
-    with StagePipeline(cfg, spec, checkpointing=Checkpointing(CheckpointStore(str(tmp_path / "ck")), 2)) as pipe:
+    with StageActors(cfg, spec) as actors:
+        pipe = RayPipeline(actors, CheckpointStore(str(tmp_path / "ck")))
         with pytest.raises(StageError, match="micro-batch 4: FloatingPointError") as info:
             pipe.train(NaNAt(sampler), 0, cfg.steps, Recorder())  # type: ignore[arg-type]
-        assert type(info.value) is StageError and pipe.recoveries == 0
+        assert type(info.value) is StageError and pipe.recovery is not None and pipe.recovery.count == 0
 
 
-def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_local: None, data: str,
+def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_local: str, data: str,
                                                                             tmp_path: Path) -> None:
     cfg = small(data, tmp_path, steps=14, checkpoint_every=0)
     spec, sampler = setup(cfg)
     store = CheckpointStore(str(tmp_path / "ck"), keep=5)
     control = RunControl()
-    ck = Checkpointing(store, 0, control)
 
     def hook(m: int) -> None:
         if m == 2:
@@ -168,8 +157,7 @@ def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_
         if m == 6:
             control.request_stop()  # the first Ctrl-C
 
-    run_ray(cfg, spec, sampler, Recorder(hook), checkpointing=ck)
-    stopped = control.stopped_at
+    stopped = run_ray(cfg, spec, sampler, Recorder(hook), store=store, control=control).stopped_at
     assert stopped is not None and 7 <= stopped < cfg.steps
     complete = store.complete()
     assert complete[0] == 0 and complete[-1] == stopped and len(complete) == 3, complete  # init, requested, stop
@@ -177,8 +165,8 @@ def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_
     ckpt = store.load_latest()
     assert ckpt is not None and all(lg.exactly_once(stopped) for lg in ckpt.ledgers)
     calls = Recorder()
-    resumed = run_ray(cfg, spec, sampler, calls, ckpt.step, ckpt.learners, Checkpointing(store, 0, ledgers=ckpt.ledgers))
-    assert [m for m, _ in calls.calls] == list(range(stopped, cfg.steps))
+    resumed = run_ray(cfg, spec, sampler, calls, resume=ckpt, store=store).states
+    assert calls.steps == list(range(stopped, cfg.steps))
     assert state_differences(resumed, sequential(cfg, sampler)) == []
     final = store.load_latest()
     assert final is not None and all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
@@ -186,7 +174,7 @@ def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_soak_periodic_checkpoints_and_random_kills(ray_local: None, data: str, tmp_path: Path) -> None:
+def test_soak_periodic_checkpoints_and_random_kills(ray_local: str, data: str, tmp_path: Path) -> None:
     """Minutes long: many micro-batches, a kill every ~40 of them; memory and the checkpoint directory
     stay bounded, and the result is still the uninterrupted run's."""
     cfg = small(data, tmp_path, steps=600, checkpoint_every=10, keep_checkpoints=3)
@@ -202,13 +190,14 @@ def test_soak_periodic_checkpoints_and_random_kills(ray_local: None, data: str, 
             sizes.append(len(store.steps()))
 
     spec, sampler = setup(cfg)
-    pipe = StagePipeline(cfg, spec, checkpointing=Checkpointing(store, cfg.checkpoint_every))
-    calls = Recorder(lambda m: (watch(m), kill(pipe, *kills[m]) if m in kills else None))
-    pipe.max_recoveries = 10
-    with pipe:
+    with StageActors(cfg, spec) as actors:
+        pipe = RayPipeline(actors, store)
+        assert pipe.recovery is not None
+        pipe.recovery.max_in_a_row = 10
+        calls = Recorder(lambda m: (watch(m), kill(actors, *kills[m]) if m in kills else None))
         pipe.train(sampler, 0, cfg.steps, calls)
         states, ledgers = pipe.states(), pipe.ledgers()
-    assert 1 <= pipe.recoveries <= len(kills)
+    assert 1 <= pipe.recovery.count <= len(kills)
     assert all(lg.exactly_once(cfg.steps) for lg in ledgers)
     assert state_differences(states, sequential(cfg, sampler)) == []
     assert max(sizes) <= cfg.keep_checkpoints + 1  # keep-last, plus one being written

@@ -1,4 +1,4 @@
-"""Training runs end to end in-process: run directory, metrics, checkpoint, probe, CLI errors."""
+"""Training runs end to end in-process: run directory, metrics, checkpoint, probe, study, CLI errors."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import TrainConfig, default_deltas
-from pipeline.probe import build_learners, format_table, linear_probe, make_split, probe
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.evaluation.probe import build_learners, format_table, linear_probe, load_run, make_split, probe
+from pipeline.run import train
 from pipeline.rundir import RunDir
-from pipeline.train import train
-from workers.learner import LocalLearner
+from pipeline.sources import load_videos
+from workers.learner import Learner
 
 TINY = {"layers": "conv:4,conv:8", "size": 8, "clips": 4, "clip_len": 3, "steps": 6, "head": (16, 8),
         "engine": "sequential"}
@@ -35,35 +37,37 @@ def seq_npz(tmp_path: Path) -> str:
 @pytest.mark.parametrize("engine", ["sequential", "e2e"])
 def test_train_writes_a_complete_run_directory(tmp_path: Path, seq_npz: str, engine: str) -> None:
     cfg = TrainConfig(data=f"npz:{seq_npz}", run_dir=str(tmp_path / "run"), **{**TINY, "engine": engine})
-    run = RunDir(train(cfg, progress=False))
+    run = RunDir(train(cfg, progress=False).path)
     assert run.config() == cfg
     metrics = run.read_metrics().to_pydict()
     layers = [0, 1] if engine == "sequential" else [1]
     assert sorted(set(metrics["layer"])) == layers
     assert len(metrics["step"]) == cfg.steps * len(layers)
     assert np.isfinite(metrics["loss"]).all()
+    assert all(s <= e for s, e in zip(metrics["busy_start"], metrics["busy_end"], strict=True))
     assert (run.path / "loss.png").stat().st_size > 1000
-    ckpt = run.load_checkpoint()
-    assert ckpt["step"] == cfg.steps and len(ckpt["learners"]) == (2 if engine == "sequential" else 1)
+    saved_cfg, in_shape, ckpt = load_run(run.path)
+    assert (saved_cfg, in_shape) == (cfg, (1, 8, 8))
+    assert ckpt.step == cfg.steps and len(ckpt.learners) == (2 if engine == "sequential" else 1)
 
 
 def test_probe_reports_trained_and_random_twin(tmp_path: Path, seq_npz: str) -> None:
     cfg = TrainConfig(data=f"npz:{seq_npz}", run_dir=str(tmp_path / "run"), **TINY)
-    run_dir = train(cfg, progress=False)
+    run_dir = train(cfg, progress=False).path
     report = probe(run_dir, views=(0, 5))
     assert json.loads((run_dir / "probe.json").read_text()) == report
-    assert [r["layer"] for r in report["layers"]] == [1, 2]
+    assert [r["layer"] for r in report["layers"]] == [1, 2] and report["steps"] == cfg.steps
     for r in report["layers"]:
         assert set(r) == {"layer", "linear", "knn", "linear_random", "knn_random"}
         assert all(0 <= r[k] <= 1 for k in r if k != "layer")
-    assert "layer" in format_table(report)
+    assert f"after {cfg.steps} micro-batches" in format_table(report)
     # The random twin is exactly the network as initialised, not the trained one.
-    ckpt = RunDir(run_dir).load_checkpoint()
-    trained, random = build_learners(ckpt, True), build_learners(ckpt, False)
+    cfg_, in_shape, ckpt = load_run(run_dir)
+    trained, random = (build_learners(cfg_, in_shape, ckpt.learners, t) for t in (True, False))
     w_trained = trained[0].blocks[0].conv.weight
     assert not torch.equal(w_trained, random[0].blocks[0].conv.weight)
-    fresh = TrainConfig.from_dict(ckpt["config"]).learner_spec(tuple(ckpt["in_shape"]))
-    assert torch.equal(LocalLearner(fresh, 0, 1).blocks[0].conv.weight, random[0].blocks[0].conv.weight)
+    fresh = cfg.learner_spec(in_shape)
+    assert torch.equal(Learner(fresh, 0, 1).blocks[0].conv.weight, random[0].blocks[0].conv.weight)
 
 
 def test_linear_probe_separates_separable_data() -> None:
@@ -74,16 +78,16 @@ def test_linear_probe_separates_separable_data() -> None:
 
 
 def test_split_by_views_and_by_fraction(seq_npz: str) -> None:
-    from pipeline.data import load_videos
-
     videos = load_videos(f"npz:{seq_npz}", 8)
     by_views = make_split(videos, (0, 5), None)
     assert by_views.train.sum() == 12 and not (by_views.train & by_views.test).any()
     by_fraction = make_split(videos, None, 0.5)
     assert by_fraction.train.all(dim=1).sum() == 3 and by_fraction.train.any(dim=1).sum() == 3
-    with pytest.raises(ValueError, match="--probe-views"):
+    with pytest.raises(ConfigError, match="--probe-views"):
         make_split(videos, (10,), None)
-    with pytest.raises(ValueError, match="--probe-fraction"):
+    with pytest.raises(ConfigError, match="nothing is left to test on"):
+        make_split(videos, tuple(range(10)), None)
+    with pytest.raises(ConfigError, match="--probe-fraction"):
         make_split(videos, None, 1.5)
 
 
@@ -92,14 +96,18 @@ def test_config_errors_name_the_flag() -> None:
                          ({"deltas": (0.1,)}, "--deltas"), ({"objective": "x"}, "--objective"),
                          ({"clip_len": 1}, "--clip-len"), ({"layers": "conv:0"}, "--layers"),
                          ({"loss_grid": (2, 2)}, "--loss-grid"), ({"loss_grid": (0,)}, "--loss-grid"),
-                         ({"stride": 0}, "--stride"), ({"norm": "batch"}, "--norm")]:
-        with pytest.raises(ValueError, match=flag):
+                         ({"stride": 0}, "--stride"), ({"norm": "batch"}, "--norm"),
+                         ({"lr": float("inf")}, "--lr"), ({"deltas": (0, float("nan"), 0)}, "--deltas")]:
+        with pytest.raises(ConfigError, match=flag):
             TrainConfig(**kwargs)
-    assert default_deltas(3) == (0.0, 0.0, 0.0)
     cfg = TrainConfig(deltas=(0.2, 0.2, 0.2))
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig(loss_grid=(2,)).loss_grid == (2, 2, 2)  # one value: every layer
     assert TrainConfig.from_dict({"loss_grid": 1}).loss_grid == (1, 1, 1)  # a config.json of an older run
+    for bad, message in [({"steps": "abc"}, "'steps' must be int"), ([1], "expected a JSON object"),
+                         ({"head": [1]}, "--head"), ({"nope": 1}, "unknown settings")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict(bad, "run/config.json")
 
 
 def test_cli_train_and_probe(tmp_path: Path, seq_npz: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,16 +124,45 @@ def test_cli_train_and_probe(tmp_path: Path, seq_npz: str, capsys: pytest.Captur
     (["train", "--queue-depth", "0"], "--queue-depth must be >= 1 (got 0)"),
     (["train", "--data", "npz:/nonexistent.npz", "--engine", "sequential"], "/nonexistent.npz: no such file"),
     (["train", "--data", "video:x"], "--data must be"),
-    (["probe", "--run-dir", "/nonexistent-run"], "no checkpoint.pt"),
+    (["train", "--layers", "conv:4," * 6 + "conv:4", "--engine", "sequential"], "too many conv blocks for 32x32"),
+    (["train", "--resume", "/nonexistent-run", "--steps", "5"], "drop --steps"),
+    (["probe", "--run-dir", "/nonexistent-run"], "not a lamina run directory"),
 ])
-def test_cli_reports_bad_input_clearly(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_bad_input_in_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, code", [(["--lr", "x"], 2), (["--deltas", "-1,0"], 2), (["--head", "3"], 2)])
+def test_cli_flag_types_name_the_flag(argv: list[str], code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *argv])
+    assert exit_.value.code == code
+    assert f"argument {argv[0]}: expected" in capsys.readouterr().err
+
+
+def test_cli_runtime_failures_are_one_line_and_debug_shows_the_traceback(
+        tmp_path: Path, seq_npz: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--data", f"npz:{seq_npz}", "--layers", "conv:4", "--size", "8", "--clips", "3",
+            "--clip-len", "2", "--steps", "3", "--engine", "sequential", "--lr", "1e30"]
+    assert main([*argv, "--run-dir", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("lamina train: error: stage 0 failed on micro-batch")
+    assert "Traceback" not in err
+    assert main(["--debug", *argv, "--run-dir", str(tmp_path / "b")]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_lamina_alone_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("train", "probe", "report", "study", "control", "bench"))
 
 
 def test_study_tables_every_variant_with_its_own_twin_and_resumes(tmp_path: Path, seq_npz: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import study
+    from pipeline.evaluation import study
 
     variants = [("a", {"loss_grid": (1,)}), ("grid-2", {"loss_grid": (2,)}), ("deep", {"layers": "conv:4,conv:8,conv:8"}),
                 ("channel", {"norm": "channel"})]

@@ -48,12 +48,12 @@ def parse_blocks(spec: str) -> tuple[BlockSpec, ...]:
     for item in spec.split(","):
         kind, _, width = item.strip().partition(":")
         if kind not in ("conv", "mlp") or not width.isdigit() or int(width) < 1:
-            raise ValueError(f"--layers: expected items like conv:32 or mlp:256 (got {item!r} in {spec!r})")
+            raise ValueError(f"expected items like conv:32 or mlp:256 (got {item!r} in {spec!r})")
         blocks.append(BlockSpec(kind, int(width)))
     seen_mlp = False
     for b in blocks:
         if b.kind == "conv" and seen_mlp:
-            raise ValueError(f"--layers: a conv block cannot follow an mlp block (got {spec!r})")
+            raise ValueError(f"a conv block cannot follow an mlp block (got {spec!r})")
         seen_mlp |= b.kind == "mlp"
     return tuple(blocks)
 
@@ -64,8 +64,6 @@ def build_blocks(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) -
     blocks: list[nn.Module] = []
     for spec in specs:
         if spec.kind == "conv":
-            if h < 2 or w < 2:
-                raise ValueError(f"--layers: too many conv blocks for {in_shape[1]}x{in_shape[2]} frames")
             blocks.append(ConvBlock(c, spec.width))
             c, h, w = spec.width, h // 2, w // 2
         else:
@@ -75,11 +73,15 @@ def build_blocks(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) -
 
 
 def output_shapes(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) -> list[tuple[int, ...]]:
-    """Per block, the shape of one frame's output: (C, H, W) for conv, (D,) for mlp."""
+    """Per block, the shape of one frame's output: (C, H, W) for conv, (D,) for mlp. Raises ValueError when a
+    conv block would get maps smaller than 2x2 (each one halves them)."""
     c, h, w = in_shape
     shapes: list[tuple[int, ...]] = []
-    for spec in specs:
+    for k, spec in enumerate(specs):
         if spec.kind == "conv":
+            if h < 2 or w < 2:
+                raise ValueError(f"too many conv blocks for {in_shape[1]}x{in_shape[2]} frames: block {k + 1} "
+                                 f"would get {h}x{w} maps (each conv block halves them)")
             c, h, w = spec.width, h // 2, w // 2
             shapes.append((c, h, w))
         else:
@@ -116,8 +118,8 @@ def normalise(y: Tensor, kind: str = "rms", eps: float = 1e-6) -> Tensor:
 def pool_features(y: Tensor, grid: int) -> Tensor:
     """Average-pool conv maps (N, C, H, W) to a grid x grid map and flatten; vectors pass unchanged.
 
-    grid=1 is global average pooling (what the local losses use by default), grid=2 is what the probe
-    reads (the 2x2 average-pooled features of the reference protocol).
+    grid=1 is global average pooling; grid=2 is what the probe reads (the 2x2 average-pooled features of the
+    reference protocol) and what every layer's loss pools to by default.
     """
     if y.dim() == 4:
         return nn.functional.adaptive_avg_pool2d(y, grid).flatten(1)

@@ -1,6 +1,6 @@
-"""Where a layer learns: the stage step, the only place in lamina that calls `backward()`.
+"""Where a layer learns: the learner's step, the only place in lamina that calls `backward()`.
 
-A `LocalLearner` owns one or more consecutive blocks, an optional projection head, a local objective and
+A `Learner` owns one or more consecutive blocks, an optional projection head, a local objective and
 its own optimizer. Its `step` is the whole of layer-local learning:
 
     x (detached, from the layer below)
@@ -12,7 +12,8 @@ its own optimizer. Its `step` is the whole of layer-local learning:
 [Note: the detach boundary] The emitted tensor is cut from this learner's graph, so the next learner's
 loss can never reach these parameters: no gradient crosses a layer. It is also the output of the same
 forward the learner just learned from (computed with the weights *before* the step), which is what makes
-a pipelined run perform exactly the computations of the sequential loop (see pipeline/engines.py).
+a pipelined run perform exactly the computations of the sequential loop ([Note: channels] in
+pipeline/schedule.py).
 
 The end-to-end baseline is the same class holding *all* blocks: gradients then flow through every block,
 and the objective sits on the top one.
@@ -44,7 +45,7 @@ class LearnerSpec:
     norm: str = "rms"  # how outputs are scaled between blocks, a name in workers.layers.NORMS
 
 
-class LocalLearner:
+class Learner:
     """Blocks `first..last-1` of the network with their own head, objective and optimizer."""
 
     def __init__(self, spec: LearnerSpec, first: int, last: int, device: str | torch.device = "cpu") -> None:
@@ -128,28 +129,22 @@ class LocalLearner:
         self.steps = state["steps"]
 
 
-def stage_ranges(n_blocks: int, per_stage: int) -> list[tuple[int, int]]:
-    """Consecutive block ranges of at most `per_stage` learners' worth of blocks, bottom to top."""
-    if per_stage < 1:
-        raise ValueError(f"--layers-per-stage must be >= 1 (got {per_stage})")
-    return [(k, min(k + per_stage, n_blocks)) for k in range(0, n_blocks, per_stage)]
-
-
-class Stage:
+class LearnerStack:
     """Learners run one after the other in one process: the whole sequential loop, one pipeline stage
     holding several consecutive layers (when layers outnumber devices), or the end-to-end baseline (one
     learner holding every block). Each learner keeps its own loss and optimizer.
     """
 
-    def __init__(self, learners: list[LocalLearner]) -> None:
+    def __init__(self, learners: list[Learner]) -> None:
         if not learners:
-            raise ValueError("a stage needs at least one learner")
+            raise ValueError("a learner stack needs at least one learner")
         self.learners = learners
 
     @classmethod
-    def layer_local(cls, spec: LearnerSpec, first: int, last: int, device: str | torch.device = "cpu") -> Stage:
+    def layer_local(cls, spec: LearnerSpec, first: int, last: int,
+                    device: str | torch.device = "cpu") -> LearnerStack:
         """One single-block learner per block in [first, last)."""
-        return cls([LocalLearner(spec, k, k + 1, device) for k in range(first, last)])
+        return cls([Learner(spec, k, k + 1, device) for k in range(first, last)])
 
     def step(self, x: Tensor) -> tuple[Tensor, list[dict[str, float]]]:
         metrics = []

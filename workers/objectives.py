@@ -150,4 +150,4 @@ def get_objective(name: str) -> Objective:
     try:
         return OBJECTIVES[name]
     except KeyError:
-        raise ValueError(f"--objective must be one of {sorted(OBJECTIVES)} (got {name!r})") from None
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)} (got {name!r})") from None

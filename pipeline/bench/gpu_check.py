@@ -8,9 +8,9 @@
                     `lamina bench`)
          ray-numpy  the same through two Ray actors on the GPU (numpy by object ref): producer's .cpu().numpy()
                     to the consumer holding a cuda tensor, median over rounds
-    3. efficiency of S stages sharing the one GPU: the Ray pipeline with num_gpus = 1/S per stage
-       (fractional GPUs: all S actors on the one device, separate CUDA contexts) against
-       1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency].
+    3. efficiency of S stages sharing the one GPU: the Ray engine with --gpus-per-stage 1/S (fractional
+       GPUs: all S actors on the one device, separate CUDA contexts; its own schedule and placement)
+       against 1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency].
 
 Exits 2 with a message when no CUDA device is visible. Prints one table; `--json PATH` also writes it.
 """
@@ -48,12 +48,12 @@ def _sync_time(fn: Any, warmup: int, steps: int) -> float:
 def stage_times(spec: Any, clips: int, clip_len: int, ranges: list[tuple[int, int]], warmup: int, steps: int,
                 ) -> dict[tuple[int, int], float]:
     from workers.layers import normalise, output_shapes
-    from workers.learner import Stage
+    from workers.learner import LearnerStack
 
     shapes = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)]
     out = {}
     for first, last in ranges:
-        stage = Stage.layer_local(spec, first, last, "cuda")
+        stage = LearnerStack.layer_local(spec, first, last, "cuda")
         x = normalise(torch.randn(clips * clip_len, *shapes[first], device="cuda")).view(clips, clip_len,
                                                                                           *shapes[first])
         out[(first, last)] = _sync_time(lambda s=stage, x=x: s.step(x), warmup, steps)
@@ -102,47 +102,20 @@ def ray_hop(nbytes: int, rounds: int) -> float:
 
 
 def pipeline_rate(stages: int, clips: int, steps: int, warmup: int) -> float:
-    """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (num_gpus = 1/S).
-
-    The engine asks for one whole GPU per stage when it sees one (DESIGN decision 5), so the stages are
-    started here with a fractional GPU each through the engine's own actor class.
-    """
-    import ray
-
+    """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (--gpus-per-stage 1/S):
+    the engine's own placement, actors and schedule, nothing re-implemented."""
     from pipeline.config import TrainConfig
-    from pipeline.data import ClipSampler, load_videos
-    from pipeline.stage_actor import remote_stage_class
-    from workers.learner import stage_ranges
+    from pipeline.engines.ray_engine import run_ray
+    from pipeline.sources import ClipSampler, load_videos
 
     n = len(LAYERS.split(","))
-    cfg = TrainConfig(layers=LAYERS, clips=clips, steps=warmup + steps + 1, layers_per_stage=n // stages)
+    cfg = TrainConfig(layers=LAYERS, clips=clips, steps=warmup + steps + 1, layers_per_stage=n // stages,
+                      gpus_per_stage=1 / stages, checkpoint_every=0)
     videos = load_videos(cfg.data, cfg.size, "train")
-    spec = cfg.learner_spec(videos.frame_shape)
     sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
-    ranges = stage_ranges(n, cfg.layers_per_stage)
-    cls = remote_stage_class()
-    actors = [cls.options(num_gpus=1 / stages, num_cpus=1, max_concurrency=1).remote(
-        spec, a, b, k, "gpu-check", 1, f"gpu-check-{k}") for k, (a, b) in enumerate(ranges)]
-    info = ray.get([a.info.remote() for a in actors])
-    if any(i["device"] != "cuda" for i in info):
-        raise RuntimeError(f"a stage did not get the GPU: {info}")
-    # The chained calls of [Note: channels], admission window D = 2, as the engine drives them.
     ends: dict[int, float] = {}
-    pending: list[Any] = []
-    for m in range(cfg.steps):
-        x: Any = sampler.batch(m).frames.numpy()
-        for k, actor in enumerate(actors):
-            x, report = actor.step.remote(m, x, k + 1 < len(actors))
-        pending.append((m, report))
-        while len(pending) > 2:
-            j, ref = pending.pop(0)
-            ray.get(ref)
-            ends[j] = time.perf_counter()
-    for j, ref in pending:
-        ray.get(ref)
-        ends[j] = time.perf_counter()
-    for a in actors:
-        ray.kill(a)
+    run_ray(cfg, cfg.learner_spec(videos.frame_shape), sampler, lambda m, reports: ends.__setitem__(
+        m, time.perf_counter()))
     last = max(ends)
     return (last - warmup) / (ends[last] - ends[warmup])
 
@@ -180,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = output_shapes(spec.blocks, spec.in_shape)
     sizes = sorted({args.clips * cfg.clip_len * int(np.prod(s)) * 4 for s in shapes[:-1]} | {64 << 20})
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     lines += ["", "| activation | d2d clone ms | d2h2d ms (.cpu().numpy(), .cuda()) | Ray numpy hop ms |",
               "|---|---|---|---|"]
     hops: dict[int, dict[str, float]] = {}

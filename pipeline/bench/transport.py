@@ -1,7 +1,6 @@
-"""Measurements behind the Ray engine's design: what one stage-to-stage hop costs, and what pipelining buys.
+"""The measurement behind the Ray engine's transport: what one stage-to-stage hop costs.
 
     python -m pipeline.bench.transport hops          per-hop cost of activation transports vs memcpy
-    python -m pipeline.bench.transport throughput    S pipeline stages vs the sequential loop (default S = 2)
 
 `lamina bench` (pipeline/bench/suite.py) runs `hop_costs` next to its throughput and memory measurements.
 
@@ -21,9 +20,7 @@ machine, median over rounds after warm-up. Transports:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import os
 import statistics
 import sys
 import time
@@ -154,99 +151,12 @@ def _ms(ms: float) -> str:
     return f"{ms:.3f} ms" if ms < 0.1 else f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
 
 
-# -- pipelining: S = 2 stages against the sequential loop -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ThroughputRow:
-    engine: str  # what ran
-    threads: str  # torch threads per process
-    rates: tuple[float, ...]  # micro-batches per second of each repeat, steady state (no start-up)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
-
-
-class _SequentialLoop:
-    """The sequential loop inside an actor, so that it runs with the stages' priority (Ray starts workers
-    at niceness 15) and CPU reservation: a fair comparison even when something else loads the machine."""
-
-    def rate(self, cfg: Any, spec: Any, sampler: Any, threads: int, warmup: int) -> float:
-        from pipeline.engines import run_in_process
-
-        torch.set_num_threads(threads)
-        return _timed(run_in_process, cfg, spec, sampler, warmup)
-
-
-def _timed(engine: Any, cfg: Any, spec: Any, sampler: Any, warmup: int) -> float:
-    """Run an engine; micro-batches/s between the ends of micro-batch `warmup` and of the last one."""
-    ends: dict[int, float] = {}
-    engine(cfg, spec, sampler, lambda m, rows: ends.__setitem__(m, time.perf_counter()))
-    last = max(ends)
-    return (last - warmup) / (ends[last] - ends[warmup])
-
-
-def throughput_comparison(data: str = "synthetic", layers: str = "conv:16,conv:64", layers_per_stage: int = 1,
-                          steps: int = 120, warmup: int = 10, repeats: int = 3, clips: int = 16,
-                          clip_len: int = 8, size: int = 32) -> list[ThroughputRow]:
-    """Steady-state micro-batches/s of the sequential loop (1 and 2 threads, each in a Ray actor holding
-    that many CPUs) and of the Ray pipeline (1-CPU, 1-thread stages): same network, data and micro-batches.
-
-    The three run one after the other, `repeats` times over, interleaved, so that a drift in the machine's
-    speed (a shared host) reaches all of them; the table reports medians. Start-up (Ray, actors) is
-    excluded: each rate is taken between the ends of micro-batches `warmup` and `steps - 1`.
-    """
-    from pipeline.config import TrainConfig
-    from pipeline.data import ClipSampler, load_videos
-    from pipeline.ray_engine import connect, run_ray
-    from workers.learner import stage_ranges
-
-    if steps <= warmup + 1:
-        raise ValueError(f"steps must exceed warmup + 1 (got steps={steps}, warmup={warmup})")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1 (got {repeats})")
-    cfg = TrainConfig(data=data, layers=layers, steps=steps, clips=clips, clip_len=clip_len, size=size,
-                      engine="ray", layers_per_stage=layers_per_stage, cpus_per_stage=1.0)
-    videos = load_videos(cfg.data, cfg.size, "train")
-    sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
-    spec = cfg.learner_spec(videos.frame_shape)
-    n_stages = len(stage_ranges(cfg.n_layers, layers_per_stage))
-    connect(cfg, max(2, n_stages))
-
-    seq = dataclasses.replace(cfg, engine="sequential")
-    rates: dict[tuple[str, str], list[float]] = {}
-    for _ in range(repeats):
-        for threads in (1, 2):
-            loop: Any = ray.remote(num_cpus=threads)(_SequentialLoop).remote()
-            rate = ray.get(loop.rate.remote(seq, spec, sampler, threads, warmup))
-            rates.setdefault(("sequential loop", str(threads)), []).append(rate)
-            ray.kill(loop)
-        rates.setdefault((f"ray pipeline, {n_stages} stages", "1 per stage"), []).append(
-            _timed(run_ray, cfg, spec, sampler, warmup))
-    return [ThroughputRow(engine, threads, tuple(r)) for (engine, threads), r in rates.items()]
-
-
-def throughput_table(rows: Sequence[ThroughputRow]) -> str:
-    base = rows[0].median
-    lines = ["| engine | torch threads | micro-batches/s, median (runs) | vs sequential, 1 thread |",
-             "|---|---|---|---|"]
-    lines += [f"| {r.engine} | {r.threads} | {r.median:.2f} ({', '.join(f'{x:.1f}' for x in r.rates)}) | "
-              f"{r.median / base:.2f}x |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.transport", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="hops", choices=("hops", "throughput"))
-    parser.add_argument("--sizes-kb", default="64,1024,16384", help="hops: payload sizes in KB")
-    parser.add_argument("--rounds", type=int, default=20, help="hops: measured rounds per size and transport")
-    parser.add_argument("--data", default="synthetic", help="throughput: data spec")
-    parser.add_argument("--layers", default="conv:16,conv:64", help="throughput: network")
-    parser.add_argument("--layers-per-stage", type=int, default=1, help="throughput: layers per stage")
-    parser.add_argument("--steps", type=int, default=120, help="throughput: micro-batches per engine and run")
-    parser.add_argument("--repeats", type=int, default=3, help="throughput: interleaved runs of each engine")
+    parser.add_argument("what", nargs="?", default="hops", choices=("hops",))
+    parser.add_argument("--sizes-kb", default="64,1024,16384", help="payload sizes in KB")
+    parser.add_argument("--rounds", type=int, default=20, help="measured rounds per size and transport")
     parser.add_argument("--worker-niceness", type=int, default=None,
                         help="niceness of Ray's workers (Ray's default: 15); 0 keeps other, niced jobs on a "
                              "shared machine from taking the measured processes' CPU")
@@ -254,14 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     system = {} if args.worker_niceness is None else {"worker_niceness": args.worker_niceness}
-    # Logical CPUs: enough for one 1-CPU bundle per stage of a small network, whatever the core count.
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _system_config=system)
-    if args.what == "hops":
-        sizes = [int(s) * KB for s in args.sizes_kb.split(",")]
-        print(hop_table(hop_costs(sizes, args.rounds)))
-    else:
-        print(throughput_table(throughput_comparison(args.data, args.layers, args.layers_per_stage, args.steps,
-                                                     repeats=args.repeats)))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=system)
+    sizes = [int(s) * KB for s in args.sizes_kb.split(",")]
+    print(hop_table(hop_costs(sizes, args.rounds)))
     return 0
 
 

@@ -6,6 +6,10 @@ protocol). A probe fits on a labelled split and is tested on the rest:
   --probe-fraction 0.5       label every frame of that fraction of the sequences, test on the others
 The same network at its random initialisation (the learners rebuilt from the run's seed, never trained)
 is always probed alongside: a learned layer is only worth having above its random-init twin.
+
+The weights are the run's newest complete barrier checkpoint ([Note: the checkpoint store] in
+pipeline/checkpoints/store.py), read and verified like a resume reads them: a finished, stopped, failed or
+killed run is probed alike, and the report says after how many micro-batches.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.checkpoints import Checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data import Videos, load_videos
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.rundir import RunDir
+from pipeline.sources import Videos, load_videos
 from workers.layers import pool_features
-from workers.learner import LocalLearner
+from workers.learner import Learner
 
 logger = logging.getLogger(__name__)
 
@@ -41,42 +47,65 @@ class Split:
 def make_split(videos: Videos, views: tuple[int, ...] | None, fraction: float | None, seed: int = 0) -> Split:
     n, length = videos.labels.shape
     if (views is None) == (fraction is None):
-        raise ValueError("give exactly one of --probe-views and --probe-fraction")
+        raise ConfigError("give exactly one of --probe-views and --probe-fraction")
     train = torch.zeros(n, length, dtype=torch.bool)
     if views is not None:
         bad = [v for v in views if not 0 <= v < length]
         if bad or not views:
-            raise ValueError(f"--probe-views must be frame indices in [0, {length}) (got {list(views)})")
+            raise ConfigError(f"--probe-views must be frame indices in [0, {length}) (got {list(views)})")
+        if len(set(views)) == length:
+            raise ConfigError(f"--probe-views {','.join(map(str, views))} label every frame of {videos.name}: "
+                              f"nothing is left to test on")
         train[:, list(views)] = True
         name = f"views {','.join(map(str, views))}"
     else:
         assert fraction is not None
         if not 0 < fraction < 1:
-            raise ValueError(f"--probe-fraction must be in (0, 1) (got {fraction})")
+            raise ConfigError(f"--probe-fraction must be in (0, 1) (got {fraction})")
         k = max(1, min(n - 1, round(fraction * n)))
         if n < 2:
-            raise ValueError(f"--probe-fraction needs at least 2 sequences ({videos.name} has {n})")
+            raise ConfigError(f"--probe-fraction needs at least 2 sequences ({videos.name} has {n})")
         chosen = torch.from_numpy(np.random.default_rng(seed).permutation(n)[:k])
         train[chosen] = True
         name = f"fraction {fraction} of sequences ({k}/{n})"
     return Split(train, ~train, name)
 
 
-def build_learners(ckpt: dict, trained: bool) -> list[LocalLearner]:
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, tuple[int, int, int], Checkpoint]:
+    """The config, frame shape and newest complete checkpoint of a run (finished or not)."""
+    run = RunDir(run_dir)
+    cfg = run.config()
+    store = run.store(cfg)
+    checkpoint = store.load_latest()
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint in {store.uri} (did the run reach its first "
+                              f"barrier?)")
+    meta = checkpoint.meta
+    shape = meta.get("in_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v > 0 for v in shape)):
+        raise CheckpointError(f"{store.dir(checkpoint.step)}: COMPLETE records no frame shape (got {shape!r:.40})")
+    return TrainConfig.from_dict(meta.get("config"), f"{store.dir(checkpoint.step)}/COMPLETE"), \
+        (shape[0], shape[1], shape[2]), checkpoint
+
+
+def build_learners(cfg: TrainConfig, in_shape: tuple[int, int, int], states: list[dict],
+                   trained: bool) -> list[Learner]:
     """The run's learners, with the checkpoint's weights (trained) or as initialised (random twin)."""
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    spec = cfg.learner_spec(tuple(ckpt["in_shape"]))
+    spec = cfg.learner_spec(in_shape)
     learners = []
-    for state in ckpt["learners"]:
-        learner = LocalLearner(spec, state["first"], state["last"])
-        if trained:
-            learner.load_state_dict(state)
+    for state in states:
+        try:
+            learner = Learner(spec, state["first"], state["last"])
+            if trained:
+                learner.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's learner states do not fit the run's network ({e})") from e
         learners.append(learner)
     return learners
 
 
 @torch.no_grad()
-def layer_features(learners: list[LocalLearner], frames: Tensor, chunk: int = 512) -> list[Tensor]:
+def layer_features(learners: list[Learner], frames: Tensor, chunk: int = 512) -> list[Tensor]:
     """Per layer, pooled features of frames (M, C, H, W) -> list of (M, F)."""
     per_layer: list[list[Tensor]] = []
     for i in range(0, frames.shape[0], chunk):
@@ -124,35 +153,34 @@ def knn_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) 
 
 def probe(run_dir: str | Path, data: str | None = None, views: tuple[int, ...] | None = None,
           fraction: float | None = None) -> dict:
-    """Probe every layer of a finished run and of its random-init twin; writes RUN_DIR/probe.json."""
-    run = RunDir(run_dir)
-    ckpt = run.load_checkpoint()
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    """Probe every layer of a run's newest checkpoint and of its random-init twin; writes RUN_DIR/probe.json."""
+    cfg, in_shape, checkpoint = load_run(run_dir)
+    logger.info("probing %s at micro-batch %d: loading the probe data", run_dir, checkpoint.step)
     videos = load_videos(data or cfg.data, cfg.size, "probe")
-    if videos.frame_shape != tuple(ckpt["in_shape"]):
-        raise ValueError(f"{videos.name}: frames {videos.frame_shape} do not match the run's "
-                         f"{tuple(ckpt['in_shape'])}")
+    if videos.frame_shape != in_shape:
+        raise ConfigError(f"--data {videos.name}: frames {videos.frame_shape} do not match the run's {in_shape}")
     split = make_split(videos, views, fraction, cfg.seed)
     frames = videos.frames.flatten(0, 1)
     labels = videos.labels.flatten()
     tr, te = split.train.flatten(), split.test.flatten()
     results: dict[str, list[float]] = {}
     for name, trained in (("", True), ("_random", False)):
-        feats = layer_features(build_learners(ckpt, trained), frames)
+        feats = layer_features(build_learners(cfg, in_shape, checkpoint.learners, trained), frames)
         results["linear" + name] = [linear_probe(f[tr], labels[tr], f[te], labels[te]) for f in feats]
         results["knn" + name] = [knn_probe(f[tr], labels[tr], f[te], labels[te]) for f in feats]
     layers = [{"layer": k + 1, **{key: vals[k] for key, vals in results.items()}}
               for k in range(len(results["linear"]))]
     report = {"data": videos.name, "split": split.name, "train_frames": int(tr.sum()),
               "test_frames": int(te.sum()), "objective": cfg.objective, "engine": cfg.engine,
-              "steps": cfg.steps, "layers": layers}
-    (run.path / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
+              "steps": checkpoint.step, "layers": layers}
+    (Path(run_dir) / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def format_table(report: dict) -> str:
     lines = [(f"probe on {report['data']} ({report['split']}; {report['train_frames']} labelled, "
-             f"{report['test_frames']} test frames) — {report['objective']}, {report['engine']}"),
+             f"{report['test_frames']} test frames) — {report['objective']}, {report['engine']}, "
+             f"after {report['steps']} micro-batches"),
              f"{'layer':>5} | {'linear':>7} {'random':>7} {'gain':>6} | {'1-NN':>7} {'random':>7} {'gain':>6}"]
     for r in report["layers"]:
         lines.append(f"{r['layer']:>5} | {100 * r['linear']:6.1f}% {100 * r['linear_random']:6.1f}% "

@@ -15,15 +15,17 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from pipeline import control_pb2 as pb
+from pipeline.control import control_pb2 as pb
+from pipeline.control.requests import RunControl
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +133,25 @@ class ControlClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+@contextmanager
+def serving(run_dir: str | Path, control: RunControl, status: Callable[[], pb.StatusReply]) -> Iterator[None]:
+    """Serve a run's control plane on loopback while the block runs: Checkpoint and Stop set `control`'s
+    requests, Status answers from `status()`."""
+
+    def checkpoint() -> tuple[bool, str]:
+        control.request_checkpoint()
+        return True, "a barrier checkpoint follows the next micro-batch handed out"
+
+    def stop() -> bool:
+        if control.stop_requested:
+            return False
+        control.request_stop()
+        return True
+
+    server = ControlServer(run_dir, ControlHandlers(status, checkpoint, stop)).start()
+    try:
+        yield
+    finally:
+        server.stop()

@@ -2,8 +2,8 @@
 
 A study is data: a name -> list of (label, TrainConfig overrides). Every variant trains in its own run
 directory under OUT and is probed with the same protocol; a variant whose probe.json exists is not run
-again, so an interrupted study resumes where it stopped. The random-init twin of every variant is probed
-with it, so each row carries its own baseline.
+again and one that was interrupted continues from its last checkpoint, so a study resumes where it
+stopped. The random-init twin of every variant is probed with it, so each row carries its own baseline.
 
     OUT/<label>/...      each variant's run directory
     OUT/study.json       every variant's config and probe
@@ -18,8 +18,9 @@ import logging
 from pathlib import Path
 
 from pipeline.config import TrainConfig
-from pipeline.probe import probe
-from pipeline.train import train
+from pipeline.errors import ConfigError
+from pipeline.evaluation.probe import probe
+from pipeline.run import resume, train
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ STUDIES: dict[str, list[Variant]] = {
 def run_study(name: str, out: str | Path, base: dict, views: tuple[int, ...] | None,
               fraction: float | None, only: list[str] | None = None) -> list[dict]:
     if name not in STUDIES:
-        raise ValueError(f"study must be one of {sorted(STUDIES)} (got {name!r})")
+        raise ConfigError(f"study must be one of {sorted(STUDIES)} (got {name!r})")
     variants = [v for v in STUDIES[name] if only is None or v[0] in only]
     if only is not None and len(variants) != len(only):
         known = [label for label, _ in STUDIES[name]]
-        raise ValueError(f"--only: unknown variants {sorted(set(only) - set(known))} (known: {known})")
+        raise ConfigError(f"--only: unknown variants {sorted(set(only) - set(known))} (known: {known})")
     out = Path(out)
     results = []
     for i, (label, overrides) in enumerate(variants):
@@ -62,7 +63,10 @@ def run_study(name: str, out: str | Path, base: dict, views: tuple[int, ...] | N
         cfg = TrainConfig(**{**base, **overrides, "run_dir": str(run_dir)})
         if not (run_dir / "probe.json").is_file():
             logger.info("study %s: variant %d/%d %s", name, i + 1, len(variants), label)
-            train(cfg)
+            if (run_dir / "config.json").is_file():
+                resume(str(run_dir))  # an interrupted variant continues from its last checkpoint
+            else:
+                train(cfg)
             probe(run_dir, views=views, fraction=fraction)
         report = json.loads((run_dir / "probe.json").read_text())
         results.append({"label": label, "config": cfg.to_dict(), "probe": report})

@@ -18,8 +18,9 @@ import zipfile
 import numpy as np
 import torch
 
-from pipeline.data.synthetic import OptionSpec, parse_options
-from pipeline.data.videos import DataError, Videos, from_array, open_npz
+from pipeline.errors import DataError
+from pipeline.sources.options import OptionSpec, parse_options
+from pipeline.sources.videos import Videos, from_array, open_npz
 
 CANVAS = 64  # the usual Moving MNIST frame, before resizing to --size
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")

@@ -1,6 +1,6 @@
-"""Helpers shared by the Ray tests (tests/test_pipeline.py, tests/test_multinode.py): tiny data, tiny
-configs, exact state comparison, and waiting for Ray to forget a run. Plain functions; each test module
-defines its own module-scoped Ray fixture from them, so one Ray instance serves a whole module.
+"""Helpers shared by the tests: tiny data and configs, the sequential reference, exact state comparison,
+waiting for Ray to forget a run, and a `ray start` head of the tests' own. Plain functions; the shared
+local-Ray fixture is in conftest.py.
 """
 
 from __future__ import annotations
@@ -19,24 +19,13 @@ import numpy as np
 import ray
 import torch
 
+from pipeline.checkpoints import Checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data import ClipSampler, load_videos
-from pipeline.engines import run_in_process
-from pipeline.ray_engine import NAMESPACE
+from pipeline.engines.local import run_local
+from pipeline.engines.placement import NAMESPACE
+from pipeline.sources import ClipSampler, load_videos
+from pipeline.stage import StepReport
 from workers.learner import LearnerSpec
-
-TEST_RAY_CPUS = 4  # logical CPUs of the test Ray: three 1-CPU stages fit on this 2-core machine
-
-
-def init_ray(num_cpus: int = TEST_RAY_CPUS, dashboard: bool = False) -> None:
-    """A fresh local Ray for one test module (token authentication stays as Ray sets it: on).
-
-    Metrics are exported every second instead of every few, so a test reads its gauges back sooner.
-    """
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             logging_level="WARNING", log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
 
 
 def tiny_npz(directory: Path, sequences: int = 6, length: int = 8, size: int = 16, seed: int = 0) -> str:
@@ -62,8 +51,8 @@ def setup(cfg: TrainConfig) -> tuple[LearnerSpec, ClipSampler]:
     return cfg.learner_spec(videos.frame_shape), ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
 
 
-def sequential(cfg: TrainConfig, sampler: Any, on_step: Callable[..., None] | None = None, start: int = 0,
-               states: list[dict] | None = None) -> list[dict]:
+def sequential(cfg: TrainConfig, sampler: Any, on_step: Callable[..., None] | None = None,
+               resume: Checkpoint | None = None) -> list[dict]:
     """The reference: the in-process layer-local loop, on the stage actors' thread count.
 
     The thread count fixes the CPU kernels' summation order, so bit-for-bit comparisons need the same one.
@@ -72,23 +61,32 @@ def sequential(cfg: TrainConfig, sampler: Any, on_step: Callable[..., None] | No
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.cpus_per_stage)))
     try:
-        return run_in_process(dataclasses.replace(cfg, engine="sequential"), spec, sampler,
-                              on_step or (lambda m, rows: None), start, states)
+        return run_local(dataclasses.replace(cfg, engine="sequential"), spec, sampler,
+                         on_step or (lambda m, reports: None), resume=resume).states
     finally:
         torch.set_num_threads(threads)
 
 
 class Recorder:
-    """An `on_step` that keeps every call: [(m, [(layer, metrics), ...]), ...]."""
+    """An `on_step` that keeps every call: [(m, [StepReport of each stage]), ...]."""
 
     def __init__(self, hook: Callable[[int], None] | None = None) -> None:
-        self.calls: list[tuple[int, list[tuple[int, dict[str, float]]]]] = []
+        self.calls: list[tuple[int, list[StepReport]]] = []
         self.hook = hook
 
-    def __call__(self, m: int, rows: list[tuple[int, dict[str, float]]]) -> None:
-        self.calls.append((m, rows))
+    def __call__(self, m: int, reports: list[StepReport]) -> None:
+        self.calls.append((m, reports))
         if self.hook is not None:
             self.hook(m)
+
+    @property
+    def steps(self) -> list[int]:
+        return [m for m, _ in self.calls]
+
+    def layers(self) -> list[list[tuple]]:
+        """Per micro-batch, every layer's (layer, loss, pos, neg, over, spread): what must not depend on how
+        layers were grouped into stages."""
+        return [[dataclasses.astuple(lr) for r in reports for lr in r.layers] for _, reports in self.calls]
 
 
 def flatten(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:

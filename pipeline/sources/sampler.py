@@ -7,28 +7,17 @@ source would have yielded there, with no state to save but the number m.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from pipeline.data.videos import Videos
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """B clips x T frames: the unit of work that travels through the pipeline."""
-
-    index: int  # micro-batch number m
-    frames: Tensor  # (B, T, C, H, W) float32
-    sequences: tuple[int, ...]  # which sequence each clip was cut from
-    starts: tuple[int, ...]  # first frame index of each clip
-    labels: Tensor  # (B, T) int64, evaluation only
+from pipeline.errors import ConfigError
+from pipeline.sources.source import MicroBatch
+from pipeline.sources.videos import Videos
 
 
 class ClipSampler:
-    """Cuts micro-batches of `clips` clips of `clip_len` frames from `videos`, `stride` frames apart.
+    """A `Source` over videos in memory: cuts micro-batches of `clips` clips of `clip_len` frames from `videos`, `stride` frames apart.
 
     The stride is the temporal distance between a clip's neighbouring frames (1: consecutive frames):
     larger strides give positives that differ more (a digit moved farther, an object turned farther).
@@ -40,17 +29,18 @@ class ClipSampler:
     def __init__(self, videos: Videos, clips: int, clip_len: int, seed: int, stride: int = 1) -> None:
         length = videos.frames.shape[1]
         if clips < 2:
-            raise ValueError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
+            raise ConfigError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
         if clip_len < 2:
-            raise ValueError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
+            raise ConfigError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
         if stride < 1:
-            raise ValueError(f"--stride must be >= 1 (got {stride})")
+            raise ConfigError(f"--stride must be >= 1 (got {stride})")
         span = (clip_len - 1) * stride + 1
         if span > length:
-            raise ValueError(f"--clip-len {clip_len} at --stride {stride} spans {span} frames, more than the "
+            raise ConfigError(f"--clip-len {clip_len} at --stride {stride} spans {span} frames, more than the "
                              f"sequences of {videos.name} ({length} frames)")
         self.videos, self.clips, self.clip_len, self.seed, self.stride = videos, clips, clip_len, seed, stride
         self.span = span
+        self.name, self.frame_shape = videos.name, videos.frame_shape
 
     def batch(self, m: int) -> MicroBatch:
         if m < 0:

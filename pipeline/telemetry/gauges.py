@@ -4,8 +4,8 @@ Every gauge is named `lamina_<what>` (Prometheus shows it as `ray_lamina_<what>`
 `run` (the run id, also in the stage actors' names) and `stage` (0 = bottom). Layer metrics add `layer`
 (0-based, as in metrics.parquet), since a stage may hold several layers.
 
-    set inside each stage actor, once per micro-batch:
-      lamina_loss, lamina_pos, lamina_neg, lamina_over, lamina_spread   per layer (workers.objectives)
+    set inside each stage actor, once per micro-batch, from its StepReport (pipeline/stage.py):
+      lamina_loss, lamina_pos, lamina_neg, lamina_over, lamina_spread   per layer (workers/objectives.py)
       lamina_microbatches_per_s, lamina_busy_fraction                   per stage, over a sliding window
     set by the driver:
       lamina_queue_depth   micro-batches handed to the stage and not yet finished by it (its input channel)
@@ -18,10 +18,11 @@ stage step of milliseconds, it is set on every micro-batch rather than throttled
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Iterable
 
 from ray.util.metrics import Gauge
+
+from pipeline.stage import StepReport
 
 logger = logging.getLogger(__name__)
 
@@ -43,48 +44,30 @@ DRIVER_GAUGES = {
 }
 
 
-class BusyWindow:
-    """Throughput and busy fraction of a stage over its last `size` steps, from (start, end) intervals."""
+class StageGauges:
+    """The gauges of one stage actor; `record` takes each of its StepReports."""
 
-    def __init__(self, size: int = 20) -> None:
-        if size < 1:
-            raise ValueError(f"window size must be >= 1 (got {size})")
-        self._intervals: deque[tuple[float, float]] = deque(maxlen=size)
-
-    def add(self, start: float, end: float) -> tuple[float, float]:
-        """Record one step; returns (micro-batches per second, busy fraction) over the window."""
-        self._intervals.append((start, end))
-        span = end - self._intervals[0][0]
-        if span <= 0:
-            return 0.0, 1.0
-        busy = sum(e - s for s, e in self._intervals)
-        return len(self._intervals) / span, min(1.0, busy / span)
-
-
-class StageTelemetry:
-    """The gauges of one stage actor."""
-
-    def __init__(self, run: str, stage: int) -> None:
-        tags = {"run": run, "stage": str(stage)}
+    def __init__(self, run_id: str, stage: int) -> None:
+        tags = {"run": run_id, "stage": str(stage)}
         self._layer = {name: _gauge(name, text, ("run", "stage", "layer"), tags)
                        for name, text in LAYER_GAUGES.items()}
         self._stage = {name: _gauge(name, text, ("run", "stage"), tags)
                        for name, text in STAGE_GAUGES.items()}
 
-    def record(self, layers: Iterable[tuple[int, dict[str, float]]], rate: float, busy: float) -> None:
-        for layer, metrics in layers:
-            tag = {"layer": str(layer)}
+    def record(self, report: StepReport) -> None:
+        for layer in report.layers:
+            tag = {"layer": str(layer.layer)}
             for name, gauge in self._layer.items():
-                gauge.set(metrics[name], tags=tag)
-        self._stage["microbatches_per_s"].set(rate)
-        self._stage["busy_fraction"].set(busy)
+                gauge.set(getattr(layer, name), tags=tag)
+        self._stage["microbatches_per_s"].set(report.rate)
+        self._stage["busy_fraction"].set(report.busy)
 
 
-class DriverTelemetry:
+class DriverGauges:
     """The driver's gauges: the depth of each stage's input channel."""
 
-    def __init__(self, run: str) -> None:
-        self._depth = _gauge("queue_depth", DRIVER_GAUGES["queue_depth"], ("run", "stage"), {"run": run})
+    def __init__(self, run_id: str) -> None:
+        self._depth = _gauge("queue_depth", DRIVER_GAUGES["queue_depth"], ("run", "stage"), {"run": run_id})
 
     def queue_depths(self, depths: Iterable[int]) -> None:
         for stage, depth in enumerate(depths):

@@ -31,11 +31,12 @@ are held out: other positions, motions, backgrounds and lighting of the same cla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.data.videos import Videos, from_array
+from pipeline.sources.options import OptionSpec, parse_options
+from pipeline.sources.videos import Videos, from_array
 
 CLASS_NAMES = ("disc", "square", "triangle", "cross", "ring", "bar", "star", "crescent")
 
@@ -44,7 +45,6 @@ _SPLIT_STREAM = {"train": 0, "probe": 1}
 # Sequences rendered at once; bounds the float32 temporaries to ~10 arrays of chunk*L*H*W.
 _CHUNK = 32
 
-OptionSpec = Mapping[str, tuple[type, float, float]]  # key -> (type, min, max)
 
 _SYNTHETIC_OPTIONS: OptionSpec = {
     "sequences": (int, 1, 1_000_000),
@@ -54,36 +54,6 @@ _SYNTHETIC_OPTIONS: OptionSpec = {
     "seed": (int, 0, 2**63 - 1),
     "noise": (float, 0.0, 0.5),
 }
-
-
-def parse_options(options: str, spec: OptionSpec, source: str) -> dict[str, int | float]:
-    """Parse `key=value,key=value` against spec; a bad item raises ValueError naming key and value.
-
-    Shared by the generated sources (synthetic, moving-mnist) so their option strings read the same.
-    """
-    parsed: dict[str, int | float] = {}
-    for item in options.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep:
-            raise ValueError(f"{source}: option {item!r} must be key=value (known keys: {', '.join(spec)})")
-        if key not in spec:
-            raise ValueError(f"{source}: unknown option {key}={raw} (known keys: {', '.join(spec)})")
-        if key in parsed:
-            raise ValueError(f"{source}: option {key} given twice (second value {raw})")
-        kind, lo, hi = spec[key]
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ValueError(f"{source}: option {key}={raw} must be {'an integer' if kind is int else 'a number'}"
-                             ) from None
-        if not lo <= value <= hi:
-            raise ValueError(f"{source}: option {key}={raw} must be between {lo:g} and {hi:g}")
-        parsed[key] = value
-    return parsed
 
 
 def synthetic_videos(options: str, size: int, split: str) -> Videos:

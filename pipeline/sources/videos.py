@@ -1,4 +1,4 @@
-"""Videos in memory and the data-spec dispatcher."""
+"""Videos in memory: N sequences of L frames as one tensor, and the helpers every loader shares."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the source and the problem."""
+from pipeline.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -60,29 +58,3 @@ def from_array(name: str, frames: np.ndarray, labels: np.ndarray, wrap: bool, si
         x = F.interpolate(x, size=(size, size), mode="area" if shrink else "bilinear",
                           align_corners=None if shrink else False)
     return Videos(x.reshape(n, length, c, size, size).contiguous(), torch.from_numpy(labels).long(), wrap, name)
-
-
-def load_videos(spec: str, size: int = 32, split: str = "train") -> Videos:
-    """Load the videos a data spec names. `split` is "train" (learning) or "probe" (evaluation sequences).
-
-    npz archives are used whole for both splits (the probe picks its labelled frames inside them);
-    generated sources draw the probe's sequences from held-out material (other digits, another seed).
-    """
-    if size < 4:
-        raise ValueError(f"--size must be >= 4 (got {size})")
-    if split not in ("train", "probe"):
-        raise ValueError(f"split must be 'train' or 'probe' (got {split!r})")
-    kind, _, arg = spec.partition(":")
-    if kind == "synthetic":
-        from pipeline.data.synthetic import synthetic_videos
-
-        return synthetic_videos(arg, size, split)
-    if kind == "moving-mnist":
-        from pipeline.data.moving_mnist import moving_mnist_videos
-
-        return moving_mnist_videos(arg, size, split)
-    if kind == "npz":
-        from pipeline.data.npz import npz_videos
-
-        return npz_videos(arg, size)
-    raise ValueError(f"--data must be synthetic[:OPTIONS], moving-mnist:PATH or npz:PATH (got {spec!r})")

@@ -6,7 +6,8 @@ import zipfile
 
 import numpy as np
 
-from pipeline.data.videos import DataError, Videos, from_array, open_npz
+from pipeline.errors import DataError
+from pipeline.sources.videos import Videos, from_array, open_npz
 
 
 def npz_videos(path: str, size: int) -> Videos:

@@ -1,0 +1,198 @@
+"""The bench's measuring processes: a stage stepped alone (time, CPU, peak memory), the in-process engines,
+and a pipeline run with where its time and the machine's CPU went. Plain classes, made Ray actors by
+`actor`; pipeline/bench/suite.py runs them ([Note: efficiency] there).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import ray
+import torch
+
+if TYPE_CHECKING:
+    from pipeline.bench.suite import BenchConfig
+
+Range = tuple[int, int]
+
+
+
+
+def _rss_kb(field_name: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Set VmHWM back to the current RSS (Linux >= 4.0); the peak then covers only what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class StageProbe:
+    """Times stage steps with no pipeline around them, one range of layers after another, and measures
+    each one's peak memory. One torch thread per stage, as the stage actors run."""
+
+    def __init__(self, cfg: BenchConfig, spec: Any, clips: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.cfg, self.spec, self.clips = cfg, spec, clips
+        # The first stage built in a process pays one-time costs (kernel caches, allocator arenas) that
+        # would count towards its peak: pay them here, outside any measurement.
+        self.measure((0, 1), warmup=1, steps=1)
+
+    def measure(self, rng: Range, e2e: bool = False, warmup: int | None = None, steps: int | None = None,
+                ) -> dict[str, Any]:
+        from workers.layers import normalise, output_shapes
+        from workers.learner import Learner, LearnerStack
+
+        warmup = self.cfg.warmup if warmup is None else warmup
+        steps = self.cfg.steps if steps is None else steps
+        gc.collect()
+        _malloc_trim()  # hand the last range's freed memory back, so the baseline below is honest
+        before = _rss_kb()
+        first, last = rng
+        learners = ([Learner(self.spec, first, last)] if e2e
+                    else [Learner(self.spec, k, k + 1) for k in range(first, last)])
+        stage = LearnerStack(learners)
+        shape = [self.spec.in_shape, *output_shapes(self.spec.blocks, self.spec.in_shape)][first]
+        gen = torch.Generator().manual_seed(first)
+        x = normalise(torch.randn(self.clips * self.cfg.clip_len, *shape, generator=gen))
+        x = x.view(self.clips, self.cfg.clip_len, *shape)
+        for _ in range(warmup):
+            stage.step(x)
+        _reset_peak()
+        times, cpu = [], []
+        for _ in range(steps):
+            t, c = time.perf_counter(), time.process_time()
+            stage.step(x)
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        peak = _rss_kb("VmHWM") - before
+        del stage, learners, x
+        return {"range": rng, "e2e": e2e, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+                "peak_mb": peak / 1024}
+
+
+class Loop:
+    """The in-process engines (sequential layer-local loop, end-to-end backprop) inside a Ray worker, so
+    that they run at the stages' priority (Ray's workers are niced)."""
+
+    def rate(self, cfg: Any, spec: Any, sampler: Any, threads: int, warmup: int) -> float:
+        from pipeline.engines.local import run_local
+
+        torch.set_num_threads(threads)
+        ends: dict[int, float] = {}
+        run_local(cfg, spec, sampler, lambda m, reports: ends.__setitem__(m, time.perf_counter()))
+        return _rate(ends, warmup)
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the baseline then includes freed-but-kept memory
+        pass
+
+
+def _rate(ends: dict[int, float], warmup: int) -> float:
+    last = max(ends)
+    return (last - warmup) / (ends[last] - ends[warmup])
+
+
+def actor(cls: type) -> Any:
+    # num_cpus=0: measuring processes only run while nothing else of the bench does, and must not take
+    # the logical CPUs the stage bundles need. OMP_WAIT_POLICY=PASSIVE: with libgomp's default (spin, then
+    # sleep) a multi-threaded baseline loses up to 10x whenever another process holds one of its cores
+    # ([Note: spinning] in PERFLOG.md); passive is the baseline at its best. One-thread stages never wait
+    # in an OpenMP barrier, so it does not change them.
+    return ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})(cls).remote
+
+
+# -- the pipeline, with where its time and the machine's CPU went ------------------------------------
+
+
+class CpuMeter:
+    """CPU seconds per category of process between two snapshots: stages, driver, Ray's own, other."""
+
+    def __init__(self) -> None:
+        self.t0, self.machine0 = 0.0, 0.0
+        self.snap0: dict[int, tuple[str, float]] = {}
+        self.stages: set[int] = set()
+
+    def _snapshot(self) -> tuple[dict[int, tuple[str, float]], float]:
+        import psutil  # vendored by ray (ray/thirdparty_files), importable once ray is
+
+        me = psutil.Process()
+        ours = {p.pid for p in me.children(recursive=True)}  # Ray's daemons and workers started by this driver
+        snap = {}
+        for p in psutil.process_iter(["pid", "cpu_times"]):
+            times, pid = p.info["cpu_times"], p.info["pid"]
+            if times is None:
+                continue
+            kind = ("driver" if pid == me.pid else "stages" if pid in self.stages
+                    else "ray" if pid in ours else "other")
+            snap[pid] = (kind, times.user + times.system)
+        machine = psutil.cpu_times()
+        return snap, machine.user + machine.system + machine.nice + getattr(machine, "irq", 0) \
+            + getattr(machine, "softirq", 0)
+
+    def start(self, stages: Sequence[int] = ()) -> None:
+        """Start counting; `stages`: the stage processes' ids (everything else this driver started is Ray's,
+        every other process on the machine is `other`)."""
+        self.stages = set(stages)
+        self.t0 = time.perf_counter()
+        self.snap0, self.machine0 = self._snapshot()
+
+    def cpu_of(self, pids: Sequence[int]) -> list[float]:
+        """CPU seconds each of these processes used since start (NaN for one that is gone)."""
+        snap, _ = self._snapshot()
+        return [snap[p][1] - self.snap0[p][1] if p in snap and p in self.snap0 else float("nan") for p in pids]
+
+    def cores(self) -> dict[str, float]:
+        """Cores used per category since start (CPU seconds / wall seconds)."""
+        wall = time.perf_counter() - self.t0
+        snap, machine = self._snapshot()
+        used = {"stages": 0.0, "driver": 0.0, "ray": 0.0, "other": 0.0}
+        for pid, (kind, cpu) in snap.items():
+            used[kind] += cpu - self.snap0.get(pid, (kind, 0.0))[1]  # a process started since: all of it
+        used["machine"] = machine - self.machine0
+        return {k: round(v / wall, 3) for k, v in used.items()}
+
+
+def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -> dict[str, Any]:
+    """Micro-batches [start, start + warmup + steps] through a `RayPipeline` over started stage actors:
+    steady-state rate, each stage's mean busy time and busy fraction, and the cores each kind of process
+    used meanwhile."""
+    ends: dict[int, float] = {}
+    busy: dict[int, list[float]] = {}
+    meter = CpuMeter()
+    cores: dict[str, float] = {}
+    stage_cpu: list[float] = []
+    pids = [int(i["pid"]) for i in pipe.actors.info]  # Stage.info(), bottom to top
+    first, stop = start + warmup, start + warmup + steps + 1
+
+    def on_step(m: int, reports: list[Any]) -> None:
+        ends[m] = time.perf_counter()
+        if m == first:
+            meter.start(pids)
+        if m == stop - 1:
+            stage_cpu.extend(meter.cpu_of(pids))
+            cores.update(meter.cores())
+        if m > first:
+            for r in reports:  # one StepReport per stage
+                busy.setdefault(r.stage, []).append(r.end - r.start)
+
+    pipe.train(sampler, start, stop, on_step)
+    rate = steps / (ends[stop - 1] - ends[first])
+    busy_s = [statistics.mean(busy[k]) for k in sorted(busy)]
+    # CPU seconds per micro-batch of each stage process: its step and everything Ray does in it (argument
+    # resolution, serialising the output into the object store, the call's RPCs), whoever else runs.
+    return {"rate": rate, "busy_s": busy_s, "busy_fraction": [rate * b for b in busy_s], "cores": cores,
+            "cpu_per_mb_s": [c / steps for c in stage_cpu]}

@@ -1,0 +1,114 @@
+"""The bench's output: bench.json, the markdown tables (bench.md) and the plot (bench.png)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench.transport import KB, MB
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // MB} MB" if nbytes >= MB else f"{nbytes // KB} KB"
+
+
+def format_tables(res: dict[str, Any]) -> str:
+    h, cores = res["headline"], res["config"]["cores"]
+    b = h["baselines"]
+    lines = [(f"## Headline: S = {h['stages']} stages, B = {h['clips']} clips x {res['config']['clip_len']} frames "
+             f"({len(h['rates'])} interleaved runs, medians)"), "",
+             "| measure | value | target |", "|---|---|---|",
+             f"| pipeline micro-batches/s | {h['rate']:.2f} ({', '.join(f'{x:.2f}' for x in h['rates'])}) | |",
+             f"| stage step in isolation (ms, 1 thread) | {' / '.join(f'{t * 1e3:.1f}' for t in h['t_iso_s'])} | |",
+             f"| **pipeline efficiency** = rate x max t_iso | **{h['efficiency']:.2f}** | >= 0.95 |",
+             f"| = 1 / compute slowdown in the pipeline | 1 / {h['compute_slowdown']:.2f} | |",
+             f"| x busy fraction of the bottleneck stage | {h['bottleneck_busy_fraction']:.2f} | |",
+             f"| co-run slowdown (stages at once, no transport) | {h['corun_slowdown']:.2f} | |",
+             f"| efficiency against the cores other processes left free | {h['efficiency_vs_free_cores']:.2f} | |",
+             f"| CPU efficiency: slowest stage's CPU per step alone / in the pipeline | {h['cpu_efficiency']:.2f} | |"]
+    for k, v in h["vs_sequential"].items():
+        lines.append(f"| speed-up vs {k} ({b[k]:.2f} mb/s) | {v:.2f}x | |")
+    for k, v in h["vs_e2e"].items():
+        lines.append(f"| speed-up vs {k} backprop ({b[k]:.2f} mb/s) | {v:.2f}x | |")
+    c = h["cores"]
+    lines.append(f"| cores busy during the pipeline: stages / driver / Ray / other / machine | "
+                 f"{c['stages']:.2f} / {c['driver']:.2f} / {c['ray']:.2f} / {c['other']:.2f} / {c['machine']:.2f} | |")
+    lines += ["", f"## Scaling (one run each; {cores} cores: S > {cores} is oversubscribed)", "",
+              ("| S | B | mb/s | stage t_iso (ms) | efficiency | vs ideal | vs sequential "
+              f"{cores}t | vs sequential 1t | vs e2e {cores}t |"), "|---|---|---|---|---|---|---|---|---|"]
+    for s in res["scaling"]:
+        lines.append(f"| {s['stages']} | {s['clips']} | {s['rate']:.2f} | "
+                     f"{' / '.join(f'{t * 1e3:.0f}' for t in s['t_iso_s'])} | {s['efficiency']:.2f} | "
+                     f"{s['efficiency_vs_ideal']:.2f} | {s['vs_sequential']:.2f}x | {s['vs_sequential_1t']:.2f}x | "
+                     f"{s['vs_e2e']:.2f}x |")
+    mem = res["memory"][str(h["clips"])] if str(h["clips"]) in res["memory"] else res["memory"][h["clips"]]
+    e2e = next(v for k, v in mem.items() if k.startswith("e2e"))
+    lines += ["", f"## Peak memory at B = {h['clips']} (RSS high-water mark above the process's baseline)", "",
+              "| layers | peak MB | vs e2e backprop |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {v / e2e:.2f} |" for k, v in mem.items()]
+    names = [t for t in res["hops"][0]["ms"] if not t.startswith("memcpy")]
+    lines += ["", "## Per-hop transport (median ms, and x memcpy; memcpy-new: into fresh pages)", "",
+              "| payload | " + " | ".join(names) + " | memcpy | memcpy-new |", "|---|" + "---|" * (len(names) + 2)]
+    for hop in res["hops"]:
+        ms, vs = hop["ms"], hop["vs_memcpy"]
+        lines.append(f"| {_size(hop['nbytes'])} | " + " | ".join(f"{ms[t]:.2f} ({vs[t]:.1f}x)" for t in names)
+                     + f" | {ms['memcpy']:.3f} | {ms['memcpy-new']:.3f} ({vs['memcpy-new']:.1f}x) |")
+    if res["hop_marginal"]:
+        m = res["hop_marginal"]
+        lines.append("| per extra byte, two largest sizes | " + " | ".join(f"{m[t]:.2f}x" for t in names)
+                     + f" | 1x | {m['memcpy-new']:.2f}x |")
+    lines += ["", (f"{res['machine']['cores']} cores, torch {res['machine']['torch']}, ray {res['machine']['ray']}; "
+              f"load average at start {', '.join(f'{x:.1f}' for x in res['machine']['load_avg_at_start'])}; "
+              f"bench took {res['elapsed_s']:.0f} s.")]
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cores = res["config"]["cores"]
+    for clips in sorted({s["clips"] for s in res["scaling"]}):
+        rows = [s for s in res["scaling"] if s["clips"] == clips]
+        (line,) = ax1.plot([s["stages"] for s in rows], [s["rate"] / rows[0]["baselines"]["sequential 1t"]
+                                                         for s in rows], "o-", label=f"pipeline, B={clips}")
+        ax1.plot([s["stages"] for s in rows], [s["ideal"] / rows[0]["baselines"]["sequential 1t"] for s in rows],
+                 ":", color=line.get_color(), label=f"ideal (isolated stages), B={clips}")
+        ax1.axhline(rows[0]["baselines"][f"sequential {cores}t"] / rows[0]["baselines"]["sequential 1t"],
+                    ls="--", color=line.get_color(), lw=0.8)
+    ax1.set_xticks(sorted({s["stages"] for s in res["scaling"]}))
+    ax1.set_xlabel("stages S (1 CPU, 1 thread each)")
+    ax1.set_ylabel("micro-batches/s ÷ sequential loop, 1 thread")
+    ax1.set_title(f"throughput (dashed: sequential, {cores} threads)")
+    ax1.legend(fontsize=7)
+    sizes = [h["nbytes"] / MB for h in res["hops"]]
+    for t in res["hops"][0]["ms"]:
+        ax2.loglog(sizes, [h["ms"][t] for h in res["hops"]], "o-" if t != "memcpy" else "k--", label=t)
+    ax2.set_xlabel("activation (MB)")
+    ax2.set_ylabel("per-hop ms (median)")
+    ax2.set_title("transport vs memcpy")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(res: dict[str, Any], out: Path) -> str:
+    """bench.json, bench.md and bench.png in `out`; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=1, default=_jsonable))
+    res = json.loads((out / "bench.json").read_text())  # the tables read what the json holds
+    table = format_tables(res)
+    (out / "bench.md").write_text(table + "\n")
+    plot(res, out / "bench.png")
+    return table
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)

@@ -1,0 +1,83 @@
+"""What every engine is: its contract, its result, and the two chores every driver loop shares.
+
+An engine trains micro-batches [start, cfg.steps) of a source through the network, driving a
+`pipeline.schedule.Schedule`, and calls `on_step(m, reports)` once per micro-batch, in order of m, with one
+`StepReport` per stage. With a checkpoint store it takes the schedule's barriers, and it stops early (after
+a final barrier) when its `RunControl` asks. It writes nothing else: what it learned and where it stopped
+come back as an `EngineResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pipeline.checkpoints import Checkpoint, CheckpointStore
+from pipeline.config import TrainConfig
+from pipeline.control import RunControl
+from pipeline.schedule import Schedule
+from pipeline.sources import Source
+from pipeline.stage import StepReport
+from workers.learner import LearnerSpec
+
+logger = logging.getLogger(__name__)
+
+OnStep = Callable[[int, list[StepReport]], None]
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    states: list[dict]  # every learner's state, bottom to top, as the run ended
+    stopped_at: int | None  # micro-batches applied when a stop request ended the run early; None: finished
+    recoveries: int = 0  # lost stages recovered from (the Ray engine)
+
+
+class Engine(Protocol):
+    def __call__(self, cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnStep, *,
+                 resume: Checkpoint | None = None, store: CheckpointStore | None = None,
+                 control: RunControl | None = None) -> EngineResult: ...
+
+
+def make_schedule(cfg: TrainConfig, stages: int, depth: int, start: int, store: CheckpointStore | None,
+                  ) -> Schedule:
+    """The run's schedule from `start`; one barrier policy for every engine: with a store, an initial
+    barrier unless a complete checkpoint of that very state exists (a fresh run, not a resume)."""
+    return Schedule(stages, depth, start, cfg.steps, every=cfg.checkpoint_every, checkpoints=store is not None,
+                    initial=store is not None and store.record(start) is None)
+
+
+def follow_requests(control: RunControl | None, schedule: Schedule) -> None:
+    """Hand the control's requests to the schedule; called between any two actions."""
+    if control is None:
+        return
+    if control.take_checkpoint_request():
+        schedule.request_checkpoint()
+    if control.stop_requested and schedule.request_stop():
+        logger.warning("stop requested: finishing the micro-batches handed out (up to %d), then a checkpoint",
+                       schedule.stopped_at)
+
+
+class Reports:
+    """Collects the stages' reports and calls on_step(m, reports) once every stage reported m, in order.
+    Micro-batches below `seen` are not passed on again (a replay after a recovery reports them twice)."""
+
+    def __init__(self, stages: int, on_step: OnStep, seen: int) -> None:
+        self.stages, self.on_step, self.seen = stages, on_step, seen
+        self._partial: dict[int, list[StepReport]] = {}
+
+    def add(self, report: StepReport) -> None:
+        got = self._partial.setdefault(report.micro_batch, [])
+        assert report.stage == len(got), (report.stage, len(got))  # the schedule waits bottom to top
+        got.append(report)
+        if len(got) == self.stages:
+            del self._partial[report.micro_batch]
+            if report.micro_batch >= self.seen:
+                assert report.micro_batch == self.seen, (report.micro_batch, self.seen)
+                self.on_step(report.micro_batch, got)
+                self.seen += 1
+
+    def restart(self) -> None:
+        """Forget partial micro-batches (a recovery abandons them)."""
+        self._partial.clear()

@@ -1,0 +1,168 @@
+"""A training run: source -> engine -> run directory. No Ray here; the Ray engine plugs in.
+
+The run keeps its record as it goes: metrics are appended to RUN_DIR/metrics/ every few seconds and
+checkpoints are barriers in the store, so a run that fails, is stopped or is killed keeps both, and
+`probe`, `report` and `--resume` work on it like on a finished one.
+
+Stops and resumes: with `handle_signals` (the CLI), the first Ctrl-C or SIGTERM asks the engine to stop
+handing out micro-batches, drain, write a final checkpoint and return (the CLI then exits 0 and prints how
+to resume); a second Ctrl-C raises KeyboardInterrupt at once, leaving the last complete checkpoint as it
+was. SIGUSR1 asks for a checkpoint, and so do the gRPC control plane's Checkpoint and Stop rpcs
+(`lamina control --run-dir DIR checkpoint|stop|status`). `resume(RUN_DIR)` continues from the last complete
+checkpoint with the run's own config; the source replays micro-batch m exactly, so the result is the
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from types import FrameType
+
+from pipeline.checkpoints import Checkpoint
+from pipeline.config import TrainConfig
+from pipeline.control import RunControl
+from pipeline.control import control_pb2 as pb
+from pipeline.control.server import serving
+from pipeline.engines import EngineResult, engine_for
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.rundir import RunDir, default_run_dir
+from pipeline.sources import ClipSampler, load_videos
+from pipeline.stage import StepReport
+from pipeline.telemetry.collapse import CollapseAlarm
+from pipeline.telemetry.metrics_log import MetricsLog
+from pipeline.telemetry.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a run ended."""
+
+    path: Path  # the run directory
+    stopped_at: int | None  # micro-batches applied when it was stopped early (checkpointed); None: finished
+
+
+def train(cfg: TrainConfig, progress: bool = True, handle_signals: bool = False,
+          control: RunControl | None = None) -> Outcome:
+    """Train as `cfg` says, in a new run directory (an existing run is continued with `resume`)."""
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or default_run_dir())
+    if (Path(cfg.run_dir) / "config.json").exists():
+        raise ConfigError(f"--run-dir {cfg.run_dir} already holds a run: continue it with "
+                          f"`lamina train --resume {cfg.run_dir}`, or choose another --run-dir")
+    return _run(cfg, None, progress, handle_signals, control)
+
+
+def resume(run_dir: str, progress: bool = True, handle_signals: bool = False,
+           control: RunControl | None = None) -> Outcome:
+    """Continue the run in `run_dir` from its last complete checkpoint, with the run's own config."""
+    cfg = dataclasses.replace(RunDir(run_dir).config(), run_dir=run_dir)
+    store = RunDir(run_dir).store(cfg)
+    checkpoint = store.load_latest()
+    if checkpoint is None and store.marked():
+        raise CheckpointError(f"{run_dir}: none of its {len(store.marked())} checkpoints in {store.uri} can be "
+                              f"used (each was refused, see above); start a new run with another --run-dir")
+    if checkpoint is None:
+        logger.warning("%s has no checkpoint yet: starting it from the beginning", run_dir)
+    else:
+        logger.info("resuming %s at micro-batch %d", run_dir, checkpoint.step)
+    return _run(cfg, checkpoint, progress, handle_signals, control)
+
+
+def _run(cfg: TrainConfig, checkpoint: Checkpoint | None, progress: bool, handle_signals: bool,
+         control: RunControl | None) -> Outcome:
+    videos = load_videos(cfg.data, cfg.size, "train")
+    source = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed, cfg.stride)
+    spec = cfg.learner_spec(source.frame_shape)
+    run = RunDir(cfg.run_dir).create(cfg)
+    store = run.store(cfg, source.frame_shape)
+    logger.info("run %s: %s on %s (%d sequences x %d frames), %d layers, engine %s", run.path, cfg.objective,
+                videos.name, videos.frames.shape[0], videos.frames.shape[1], cfg.n_layers, cfg.engine)
+    start = checkpoint.step if checkpoint is not None else 0
+    control = control or RunControl()
+    log = MetricsLog(run.metrics, restart=start)
+    bar = Progress(cfg.steps, f"train {cfg.engine}", start=start) if progress else None
+    alarm = CollapseAlarm()
+    latest: list[StepReport] = []  # the last micro-batch's reports: the control plane's Status
+    done = [start]
+    t0 = time.perf_counter()
+
+    def on_step(m: int, reports: list[StepReport]) -> None:
+        log.append(reports)
+        for report in reports:
+            for layer in report.layers:
+                alarm.update(layer.layer, layer.spread)
+        latest[:] = reports
+        done[0] = m + 1
+        if bar is not None:
+            bar.update(m + 1, " ".join(filter(None, (_status(reports), alarm.status()))))
+
+    def status() -> pb.StatusReply:
+        rate = (done[0] - start) / max(time.perf_counter() - t0, 1e-9)
+        layers = [pb.LayerStatus(layer=lr.layer, loss=lr.loss, spread=lr.spread) for r in latest for lr in r.layers]
+        return pb.StatusReply(run_dir=str(run.path), engine=cfg.engine, steps_done=done[0], steps_total=cfg.steps,
+                              microbatches_per_s=rate, layers=layers, stopping=control.stop_requested)
+
+    result: EngineResult | None = None
+    try:
+        if start >= cfg.steps:
+            logger.info("run %s: already finished (%d micro-batches)", run.path, start)
+        else:
+            with _signals(control, handle_signals), (serving(run.path, control, status) if handle_signals
+                                                     else nullcontext()):
+                result = engine_for(cfg.engine)(cfg, spec, source, on_step, resume=checkpoint, store=store,
+                                                control=control)
+    finally:  # a failed or interrupted run keeps its record too
+        log.flush()
+        if bar is not None:
+            bar.close()
+        if run.read_metrics().num_rows:
+            run.plot_losses()
+    stopped = result.stopped_at if result is not None else None
+    logger.info("run %s: %s in %.1fs", run.path, f"stopped after {stopped} micro-batches" if stopped is not None
+                else f"{cfg.steps} micro-batches", time.perf_counter() - t0)
+    return Outcome(run.path, stopped)
+
+
+@contextmanager
+def _signals(control: RunControl, enabled: bool) -> Iterator[None]:
+    """SIGINT / SIGTERM: a graceful stop, then (SIGINT again) KeyboardInterrupt; SIGUSR1: a checkpoint."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if control.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("%s: stopping after the micro-batches in flight and a checkpoint "
+                       "(Ctrl-C again to exit at once)", signal.Signals(signum).name)
+        control.request_stop()
+
+    def checkpoint(signum: int, frame: FrameType | None) -> None:
+        logger.info("SIGUSR1: checkpoint requested")
+        control.request_checkpoint()
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, checkpoint)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _status(reports: list[StepReport]) -> str:
+    """Per-layer loss; with several stages also each stage's throughput and busy fraction."""
+    text = " ".join(f"L{lr.layer + 1} {lr.loss:.3f}" for r in reports for lr in r.layers)
+    if len(reports) > 1:
+        text += " | " + " ".join(f"S{r.stage} {r.rate:.1f}/s {r.busy:.0%}" for r in reports)
+    return text

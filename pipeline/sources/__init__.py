@@ -1,0 +1,10 @@
+"""Where data comes in: sources of micro-batches (source.py), videos in memory (videos.py) and the sampler
+that cuts them into clips (sampler.py), the loaders (synthetic.py, moving_mnist.py, npz.py) and the data
+spec that names one (specs.py)."""
+
+from pipeline.sources.sampler import ClipSampler
+from pipeline.sources.source import MicroBatch, Source
+from pipeline.sources.specs import load_videos
+from pipeline.sources.videos import Videos
+
+__all__ = ["ClipSampler", "MicroBatch", "Source", "Videos", "load_videos"]

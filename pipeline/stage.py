@@ -1,0 +1,193 @@
+"""One pipeline stage: a run of consecutive learners on one device, as a plain Python class.
+
+The Ray engine hosts one `Stage` per actor (made remote in one place: pipeline/engines/actors.py); the
+in-process engines step one `Stage` holding the whole network. Nothing here calls Ray: the device, the
+thread budget, the actor's name and where its gauges go are passed in, so a unit test can step it.
+
+A stage adds to its learners only what running in a pipeline needs:
+  - arrays in, arrays out: a numpy input is wrapped without a copy, and the output leaves as numpy (which
+    Ray's object store hands to the next stage without a copy; torch tensors would be pickled by value);
+  - a `StepReport` per micro-batch: each layer's metrics and the busy interval, small, no tensors;
+  - a non-finite loss stops the run here, where the stage and micro-batch are known;
+  - errors become a `StageError` naming the stage and the micro-batch;
+  - a ledger of the micro-batches it applied, and its part of every barrier checkpoint, written by the
+    stage itself ([Note: the checkpoint store] in pipeline/checkpoints/store.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoints import CheckpointStore, Ledger, Part
+from pipeline.errors import CheckpointError, StageError
+from workers.learner import Learner, LearnerSpec, LearnerStack
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer's metrics for one micro-batch, on the common scale of workers/objectives.py."""
+
+    layer: int  # 0-based layer index, bottom to top
+    loss: float  # the local loss the layer minimised
+    pos: float  # mean squared distance between consecutive frames of a clip (unit embeddings, 0..4)
+    neg: float  # mean squared distance between frames of different clips (unit embeddings, 0..4)
+    over: float  # fraction of consecutive-frame pairs farther apart than the layer's delta
+    spread: float  # feature spread: ~1 healthy, -> 0 on collapse
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What a stage tells the driver after each micro-batch (the activation travels separately)."""
+
+    stage: int  # stage index, 0 = bottom
+    micro_batch: int  # micro-batch number m
+    layers: tuple[LayerReport, ...]  # bottom to top
+    start: float  # busy interval of this step, time.time() seconds: input in hand ...
+    end: float  # ... to output ready
+    rate: float  # micro-batches per second over the stage's recent steps
+    busy: float  # busy fraction over the same window
+
+
+def partition(n_layers: int, per_stage: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges [first, last) of at most `per_stage` layers, bottom to top."""
+    if per_stage < 1:
+        raise ValueError(f"layers per stage must be >= 1 (got {per_stage})")
+    return [(k, min(k + per_stage, n_layers)) for k in range(0, n_layers, per_stage)]
+
+
+class BusyWindow:
+    """Throughput and busy fraction of a stage over its last `size` steps, from (start, end) intervals."""
+
+    def __init__(self, size: int = 20) -> None:
+        if size < 1:
+            raise ValueError(f"window size must be >= 1 (got {size})")
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=size)
+
+    def add(self, start: float, end: float) -> tuple[float, float]:
+        """Record one step; returns (micro-batches per second, busy fraction) over the window."""
+        self._intervals.append((start, end))
+        span = end - self._intervals[0][0]
+        if span <= 0:
+            return 0.0, 1.0
+        busy = sum(e - s for s, e in self._intervals)
+        return len(self._intervals) / span, min(1.0, busy / span)
+
+
+class Stage:
+    """Layers [first, last) of the network, each learning locally, or (e2e) one learner holding them all.
+
+    `first`/`last` in checkpoints count learners: a layer-local stage holds learner k for layer k; the
+    end-to-end learner is learner 0 of [0, 1).
+    """
+
+    def __init__(self, spec: LearnerSpec, first: int, last: int, index: int = 0, *, e2e: bool = False,
+                 name: str = "", device: str | torch.device = "cpu",
+                 report: Callable[[StepReport], None] | None = None) -> None:
+        self.index, self.name = index, name  # the actor's name, when it is one
+        self.device = torch.device(device)
+        if e2e:
+            self.stack = LearnerStack([Learner(spec, first, last, self.device)])
+            self.first, self.last = 0, 1
+        else:
+            self.stack = LearnerStack.layer_local(spec, first, last, self.device)
+            self.first, self.last = first, last
+        self.layers = tuple(lrn.last - 1 for lrn in self.stack.learners)  # each learner reports its top block
+        self.ledger = Ledger()  # micro-batches applied, restored with the state: exactly-once evidence
+        self.window = BusyWindow()
+        self._report = report  # where each StepReport also goes (the actor's gauges), besides the caller
+
+    def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True,
+             ) -> tuple[np.ndarray | None, StepReport]:
+        """Learn from micro-batch m; return this stage's output (None when `emit` is off) and a report."""
+        start = time.time()
+        try:
+            xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+            out, metrics = self.stack.step(xt.to(self.device))
+            for layer, mt in zip(self.layers, metrics, strict=True):
+                # A non-finite loss has already been stepped into the weights: the run cannot recover,
+                # so stop it here. The check is free: the metrics are already Python floats.
+                if not math.isfinite(mt["loss"]):
+                    raise FloatingPointError(f"layer {layer + 1}: local loss is {mt['loss']} (input finite: "
+                                             f"{bool(torch.isfinite(xt).all())})")
+            # .cpu() is a device sync on cuda; on the cpu .numpy() shares the tensor's memory, and the
+            # only copy is Ray's into the object store.
+            y = out.cpu().numpy() if emit else None
+        except Exception as e:
+            raise StageError(self.index, m, e, self.name) from e
+        self.ledger.add(m)
+        end = time.time()
+        rate, busy = self.window.add(start, end)
+        layers = tuple(LayerReport(layer, **mt) for layer, mt in zip(self.layers, metrics, strict=True))
+        report = StepReport(self.index, m, layers, start, end, rate, busy)
+        if self._report is not None:
+            self._report(report)
+        return y, report
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def states(self) -> list[dict]:
+        """Every learner's state, tensors on the cpu."""
+        return [_to_cpu(lrn.state_dict()) for lrn in self.stack.learners]
+
+    def load(self, states: list[dict], ledger: list[list[int]] | None = None) -> None:
+        """Take these learners' states (as `states()` returns them) and the ledger that goes with them."""
+        try:
+            for learner, state in zip(self.stack.learners, states, strict=True):
+                learner.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"stage {self.index}: the saved learner states do not fit this network ({e})") from e
+        self.ledger = Ledger(ledger)
+
+    def get_ledger(self) -> list[list[int]]:
+        return self.ledger.ranges
+
+    def snapshot(self, m: int, store: CheckpointStore) -> Part:
+        """Write this stage's state as it is after micro-batch m to checkpoint m + 1 of `store` (queued
+        right behind step(m): [Note: barrier checkpoints] in pipeline/schedule.py)."""
+        try:
+            return store.write_part(m + 1, self.index, {
+                "stage": self.index, "first": self.first, "last": self.last, "step": m + 1,
+                "learners": self.states(), "ledger": [list(r) for r in self.ledger.ranges],
+                "rng": torch.get_rng_state()})
+        except Exception as e:
+            raise StageError(self.index, m, e, self.name) from e
+
+    def restore(self, store: CheckpointStore, step: int) -> int:
+        """Load this stage's part of complete checkpoint `step` (read here, not through the driver)."""
+        part = store.read_part(step, self.index)
+        if (part["first"], part["last"]) != (self.first, self.last):
+            raise CheckpointError(f"checkpoint {step} stage {self.index} holds learners [{part['first']}, "
+                                  f"{part['last']}), this stage [{self.first}, {self.last})")
+        self.load(part["learners"], part["ledger"])
+        try:
+            torch.set_rng_state(part["rng"])
+        except (TypeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {step} stage {self.index}: bad RNG state ({e})") from e
+        return step
+
+    def info(self) -> dict[str, Any]:
+        """Where this stage runs: for logs and for tests of placement."""
+        return {"stage": self.index, "name": self.name, "layers": self.layers, "device": str(self.device),
+                "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
