@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pipeline.errors import ConfigError, LaminaError
 from pipeline.flags import add_flags, arg_type, config_from_args, given_flags
 
-logger = logging.getLogger(__name__)
-
 STUDY_FLAGS = ("data", "steps", "seed", "engine", "loss_grid", "deltas")  # what a study's variants share
 
 
@@ -171,7 +169,7 @@ def _control(run_dir: str, action: str) -> int:
         for layer in reply.layers:
             print(f"  layer {layer.layer + 1}: loss {layer.loss:.4f}, spread {layer.spread:.3f}")
     elif action == "checkpoint":
-        print(reply.detail if reply.accepted else f"refused: {reply.detail}")
+        print(reply.detail)
     else:
         print("stopping: the run drains, checkpoints and exits" if reply.accepted else "already stopping")
     return 0

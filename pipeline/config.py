@@ -195,12 +195,18 @@ def _typed(value: Any, kind: str, where: str) -> Any:
     base = kind.replace(" | None", "")
     if base.startswith("tuple[") and isinstance(value, list | tuple):
         item: type = float if "float" in base else int
-        if all(isinstance(v, int | item) and not isinstance(v, bool) for v in value):
+        if all(_number(v, item) for v in value):
             return tuple(item(v) for v in value)
-    elif base == "int" and isinstance(value, int) and not isinstance(value, bool):
+    elif base == "int" and _number(value, int):
         return value
-    elif base == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+    elif base == "float" and _number(value, float):
         return float(value)
     elif base == "str" and isinstance(value, str):
         return value
     raise ConfigError(f"{where} must be {kind} (got {value!r:.60})")
+
+
+def _number(value: Any, kind: type) -> bool:
+    """An int (or, for float, an int or a float) that is not a bool and fits a float (JSON has no limit)."""
+    allowed = (int, float) if kind is float else (int,)
+    return isinstance(value, allowed) and not isinstance(value, bool) and abs(value) < 1e300

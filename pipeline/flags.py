@@ -59,10 +59,9 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = Non
                             help=f"{meta['help']} (default: {shown(f, default)})".replace("%", "%%"))
 
 
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the parsed flags describe (fields not given keep their defaults)."""
-    given = {f.name: getattr(args, f.name) for f in train_fields() if hasattr(args, f.name)}
-    return TrainConfig(**{**given, **overrides})
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in train_fields() if hasattr(args, f.name)})
 
 
 def given_flags(args: argparse.Namespace) -> list[str]:

@@ -7,8 +7,8 @@ checkpoints are barriers in the store, so a run that fails, is stopped or is kil
 Stops and resumes: with `handle_signals` (the CLI), the first Ctrl-C or SIGTERM asks the engine to stop
 handing out micro-batches, drain, write a final checkpoint and return (the CLI then exits 0 and prints how
 to resume); a second Ctrl-C raises KeyboardInterrupt at once, leaving the last complete checkpoint as it
-was. SIGUSR1 asks for a checkpoint, and so do the gRPC control plane's Checkpoint and Stop rpcs
-(`lamina control --run-dir DIR checkpoint|stop|status`). `resume(RUN_DIR)` continues from the last complete
+was. SIGUSR1 asks for a checkpoint; the gRPC control plane's Checkpoint and Stop rpcs ask for a checkpoint
+and a graceful stop (`lamina control --run-dir DIR checkpoint|stop|status`). `resume(RUN_DIR)` continues from the last complete
 checkpoint with the run's own config; the source replays micro-batch m exactly, so the result is the
 uninterrupted run's.
 """
@@ -57,6 +57,10 @@ def train(cfg: TrainConfig, progress: bool = True, handle_signals: bool = False,
     if (Path(cfg.run_dir) / "config.json").exists():
         raise ConfigError(f"--run-dir {cfg.run_dir} already holds a run: continue it with "
                           f"`lamina train --resume {cfg.run_dir}`, or choose another --run-dir")
+    store = RunDir(cfg.run_dir).store(cfg)
+    if store.steps():  # another run's checkpoints: a recovery would restore them, pruning would delete them
+        raise ConfigError(f"--checkpoint-uri {store.uri} already holds checkpoints (of another run?): give this "
+                          f"run a store of its own")
     return _run(cfg, None, progress, handle_signals, control)
 
 
@@ -126,8 +130,9 @@ def _run(cfg: TrainConfig, checkpoint: Checkpoint | None, progress: bool, handle
         if run.read_metrics().num_rows:
             run.plot_losses()
     stopped = result.stopped_at if result is not None else None
-    logger.info("run %s: %s in %.1fs", run.path, f"stopped after {stopped} micro-batches" if stopped is not None
-                else f"{cfg.steps} micro-batches", time.perf_counter() - t0)
+    recovered = f", {result.recoveries} lost stage(s) recovered" if result is not None and result.recoveries else ""
+    logger.info("run %s: %s in %.1fs%s", run.path, f"stopped after {stopped} micro-batches" if stopped is not None
+                else f"{cfg.steps} micro-batches", time.perf_counter() - t0, recovered)
     return Outcome(run.path, stopped)
 
 

@@ -157,7 +157,7 @@ class Schedule:
             self._barriers.add(self.start - 1)
             yield from (Snapshot(k, self.start - 1) for k in range(s))
             yield Commit(self.start - 1)
-        c = self.start - d - 1  # the first clock that can hand out micro-batch `start`
+        c = self.start - d - 1  # no clock before this one hands out `start` (the first stage-0 step: c + d)
         while True:
             yield from self._take_pending()
             if c >= self._limit + s and not self._pending:  # the last Commit falls at clock limit - 1 + S
@@ -233,17 +233,17 @@ def simulate(schedule: Schedule, durations: Sequence[float]) -> dict[int, list[t
     return runs
 
 
-def timeline(runs: dict[int, list[tuple[int, float, float]]], unit: float = 1.0, cols: int = 0) -> str:
-    """The ASCII timeline of [Note: channels]: one column per `unit` (the first `cols`, else all), `mN` while
-    a stage steps N, `.` while it idles after its first step."""
-    cols = cols or round(max(e for steps in runs.values() for _, _, e in steps) / unit)
+def timeline(runs: dict[int, list[tuple[int, float, float]]], cols: int = 0) -> str:
+    """The ASCII timeline of [Note: channels]: one column per time unit (the first `cols`, else all), `mN`
+    while a stage steps N, `.` while it idles after its first step."""
+    cols = cols or round(max(e for steps in runs.values() for _, _, e in steps))
     lines = ["time ->   " + "".join(f"{t + 1:>4}" for t in range(cols))]
     for k, steps in runs.items():
         cells = [""] * cols
         for m, s, e in steps:
-            for t in range(round(s / unit), min(round(e / unit), cols)):
+            for t in range(round(s), min(round(e), cols)):
                 cells[t] = f"m{m}"
-        first = min(round(s / unit) for _, s, _ in steps) if steps else cols
+        first = min(round(s) for _, s, _ in steps) if steps else cols
         lines.append(f"stage {k}   " + "".join(f"{c or ('.' if t >= first else ''):>4}"
                                              for t, c in enumerate(cells)).rstrip())
     return "\n".join(lines)

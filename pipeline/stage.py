@@ -2,7 +2,8 @@
 
 The Ray engine hosts one `Stage` per actor (made remote in one place: pipeline/engines/actors.py); the
 in-process engines step one `Stage` holding the whole network. Nothing here calls Ray: the device, the
-thread budget, the actor's name and where its gauges go are passed in, so a unit test can step it.
+actor's name and where its reports go are passed in, so a unit test can step it (the actor sets its own
+thread budget).
 
 A stage adds to its learners only what running in a pipeline needs:
   - arrays in, arrays out: a numpy input is wrapped without a copy, and the output leaves as numpy (which
@@ -16,7 +17,6 @@ A stage adds to its learners only what running in a pipeline needs:
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -31,8 +31,6 @@ import torch
 from pipeline.checkpoints import CheckpointStore, Ledger, Part
 from pipeline.errors import CheckpointError, StageError
 from workers.learner import Learner, LearnerSpec, LearnerStack
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,10 +68,10 @@ def partition(n_layers: int, per_stage: int) -> list[tuple[int, int]]:
 class BusyWindow:
     """Throughput and busy fraction of a stage over its last `size` steps, from (start, end) intervals."""
 
-    def __init__(self, size: int = 20) -> None:
-        if size < 1:
-            raise ValueError(f"window size must be >= 1 (got {size})")
-        self._intervals: deque[tuple[float, float]] = deque(maxlen=size)
+    SIZE = 20  # steps in the window
+
+    def __init__(self) -> None:
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=self.SIZE)
 
     def add(self, start: float, end: float) -> tuple[float, float]:
         """Record one step; returns (micro-batches per second, busy fraction) over the window."""
@@ -159,8 +157,7 @@ class Stage:
         try:
             return store.write_part(m + 1, self.index, {
                 "stage": self.index, "first": self.first, "last": self.last, "step": m + 1,
-                "learners": self.states(), "ledger": [list(r) for r in self.ledger.ranges],
-                "rng": torch.get_rng_state()})
+                "learners": self.states(), "ledger": [list(r) for r in self.ledger.ranges]})
         except Exception as e:
             raise StageError(self.index, m, e, self.name) from e
 
@@ -171,10 +168,6 @@ class Stage:
             raise CheckpointError(f"checkpoint {step} stage {self.index} holds learners [{part['first']}, "
                                   f"{part['last']}), this stage [{self.first}, {self.last})")
         self.load(part["learners"], part["ledger"])
-        try:
-            torch.set_rng_state(part["rng"])
-        except (TypeError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {step} stage {self.index}: bad RNG state ({e})") from e
         return step
 
     def info(self) -> dict[str, Any]:

@@ -6,7 +6,6 @@ The real quick bench (`lamina bench --quick`, a minute or two) is marked slow; t
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +38,7 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert [(s["stages"], s["clips"]) for s in res["scaling"]] == [(2, 4)]
     assert all(s["rate"] > 0 and 0 < s["efficiency"] < 1.5 for s in res["scaling"])
     memory = res["memory"][4]
-    assert set(memory) == {"layers 0-0", "layers 1-1", "e2e 0-1"}
-    assert all(math.isfinite(mb) for mb in memory.values())  # tiny layers: the peak may be within allocator slack
+    assert set(memory) == {"layers 0-0", "layers 1-1", "e2e 0-1"}  # (tiny layers: peaks within allocator slack)
     assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
     assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
 

@@ -108,7 +108,8 @@ def test_state_dict_round_trip_continues_identically() -> None:
     a = LearnerStack.layer_local(spec(), 0, 3)
     a.step(clips(seed=1))
     b = LearnerStack.layer_local(spec(), 0, 3)
-    b.load_state_dict(a.state_dict())
+    for la, lb in zip(a.learners, b.learners, strict=True):
+        lb.load_state_dict(la.state_dict())
     xa, _ = a.step(clips(seed=2))
     xb, _ = b.step(clips(seed=2))
     assert torch.equal(xa, xb)

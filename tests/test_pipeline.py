@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-import logging
 import math
 import re
 import urllib.request
@@ -187,8 +186,7 @@ def test_a_failing_stage_stops_the_run_once_naming_stage_and_micro_batch(ray_loc
     assert run_placement_groups("failrun") == []
 
 
-def test_ctrl_c_drains_then_tears_down_and_re_raises(ray_local: str, data: str, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_ctrl_c_tears_down_and_re_raises(ray_local: str, data: str, tmp_path: Path) -> None:
     cfg = tiny_config(data, layers="conv:8,conv:8", steps=200, run_dir=str(tmp_path / "intrun"))
     spec, sampler = setup(cfg)
 
@@ -197,11 +195,10 @@ def test_ctrl_c_drains_then_tears_down_and_re_raises(ray_local: str, data: str, 
             raise KeyboardInterrupt
 
     calls = Recorder(interrupt)
-    with caplog.at_level(logging.WARNING, logger="pipeline.engines.ray_engine"), pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):
         run_ray(cfg, spec, sampler, calls)
 
     assert calls.steps == [0, 1, 2, 3]  # nothing reported after the interrupt
-    assert "draining" in caplog.text
     assert wait_until(lambda: not run_actors("intrun")), run_actors("intrun")
     assert run_placement_groups("intrun") == []
 

@@ -152,10 +152,3 @@ class LearnerStack:
             x, m = learner.step(x)
             metrics.append(m)
         return x, metrics
-
-    def state_dict(self) -> dict:
-        return {"learners": [lrn.state_dict() for lrn in self.learners]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for learner, s in zip(self.learners, state["learners"], strict=True):
-            learner.load_state_dict(s)

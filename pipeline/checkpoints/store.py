@@ -6,7 +6,7 @@ checkpoint `step` (micro-batches applied = the micro-batch to resume at); the dr
 every part is there. `--resume`, stage-failure recovery, `probe`, `report` and `study` all read the newest
 complete one, so a run that was stopped, failed or killed can be resumed and probed like a finished one.
 
-    ROOT/step-000124/stage-0.state   stage 0's learners [first, last), ledger and RNG after micro-batch 123
+    ROOT/step-000124/stage-0.state   stage 0's learners [first, last) and ledger after micro-batch 123
     ROOT/step-000124/stage-1.state
     ROOT/step-000124/COMPLETE        written last: {"format", "step", "time", "stages": [{"file", "bytes",
                                      "sha256"}, ...], "meta": {"config", "in_shape"}}
@@ -40,7 +40,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import torch
 
 from pipeline.checkpoints import tensorfile
 from pipeline.checkpoints.ledger import Ledger
@@ -50,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 FORMAT = 1  # of COMPLETE and of the parts; a reader refuses others
-_DIR = re.compile(r"^step-(\d+)$")
+_DIR = re.compile(r"^step-(\d{6,})$")
+MAX_RECORD = 1 << 20  # bytes: a COMPLETE larger than this was not written by lamina
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _PART = re.compile(r"^stage-\d+\.state$")
 
@@ -145,7 +145,8 @@ class CheckpointStore:
         """Steps of every checkpoint directory, complete or not, oldest first."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         found = [_DIR.match(i.base_name) for i in infos if i.type == pafs.FileType.Directory]
-        return sorted(int(m[1]) for m in found if m)
+        # Only names dir() writes: a stray `step-7` is not ours to read or to prune.
+        return sorted(int(m[1]) for m in found if m and m[0] == f"step-{int(m[1]):06d}")
 
     def record(self, step: int) -> dict | None:
         """COMPLETE's record of checkpoint `step` if it is complete and intact (well-formed, every part there
@@ -153,7 +154,10 @@ class CheckpointStore:
         path = f"{self.dir(step)}/{MARKER}"
         try:
             with self.fs.open_input_stream(path) as f:
-                record = json.loads(f.read())
+                text = f.read(MAX_RECORD + 1)
+            if len(text) > MAX_RECORD:
+                raise ValueError(f"larger than {MAX_RECORD} bytes")
+            record = json.loads(text)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as e:
@@ -198,7 +202,7 @@ class CheckpointStore:
         entry = record["stages"][stage]
         path = f"{self.dir(step)}/{entry['file']}"
         with self.fs.open_input_stream(path) as f:
-            data = f.read()
+            data = f.read(entry["bytes"] + 1)  # never more than COMPLETE promised, and one byte to see more
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{path}: size or sha256 does not match COMPLETE (corrupt or altered)")
         part = tensorfile.loads(data, path)
@@ -269,8 +273,7 @@ def _part_problem(part: Any, stage: int, step: int) -> str | None:
     them (shapes, ranges); here only what the store itself relies on."""
     if not isinstance(part, dict):
         return "not a stage part"
-    want = {"stage": int, "first": int, "last": int, "step": int, "learners": list, "ledger": list,
-            "rng": torch.Tensor}
+    want = {"stage": int, "first": int, "last": int, "step": int, "learners": list, "ledger": list}
     bad = [k for k, t in want.items() if not isinstance(part.get(k), t) or isinstance(part.get(k), bool)]
     if bad:
         return f"fields {bad} missing or of the wrong type"

@@ -30,6 +30,8 @@ from pipeline.errors import CheckpointError
 MAGIC = b"LAMINA-STATE-V1\n"
 _LENGTH = struct.Struct("<Q")
 MAX_HEADER = 64 << 20  # a header larger than this is not a lamina state (a stage's is a few KB)
+MAX_TENSORS = 100_000  # nor are more tensors than this (a stage holds a few dozen)
+MAX_DIMS = 16
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -74,8 +76,16 @@ def loads(data: bytes, name: str = "checkpoint file") -> Any:
         raise CheckpointError(f"{name}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict) or set(header) != {"tree", "tensors"} or not isinstance(header["tensors"], list):
         raise CheckpointError(f"{name}: header must be an object with 'tree' and 'tensors'")
+    entries = header["tensors"]
+    if len(entries) > MAX_TENSORS:
+        raise CheckpointError(f"{name}: {len(entries)} tensors, more than a lamina state holds ({MAX_TENSORS})")
     body = memoryview(data)[start + length:]
-    tensors = [_tensor(entry, body, name, i) for i, entry in enumerate(header["tensors"])]
+    tensors, offset = [], 0
+    for i, entry in enumerate(entries):  # back to back: every byte of the body belongs to one tensor, once
+        tensors.append(_tensor(entry, body, offset, name, i))
+        offset += entry["nbytes"]
+    if offset != len(body):
+        raise CheckpointError(f"{name}: {len(body) - offset} bytes after the last tensor (not written by lamina)")
     try:
         return _decode(header["tree"], tensors)
     except (KeyError, IndexError, TypeError, ValueError, RecursionError) as e:
@@ -128,19 +138,22 @@ def _decode(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
-def _tensor(entry: Any, body: memoryview, name: str, i: int) -> torch.Tensor:
+def _tensor(entry: Any, body: memoryview, offset: int, name: str, i: int) -> torch.Tensor:
+    """Tensor i, which must start at `offset` (right after tensor i - 1) and lie inside the body."""
     fields = ("dtype", "shape", "offset", "nbytes")
     if not isinstance(entry, dict) or set(entry) != set(fields):
         raise CheckpointError(f"{name}: tensor {i} must have exactly {list(fields)}")
-    dtype, shape, offset, nbytes = (entry[f] for f in fields)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"{name}: tensor {i} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+    dtype, shape, start, nbytes = (entry[f] for f in fields)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{name}: tensor {i} has unknown dtype {dtype!r:.40}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(n) is int and 0 <= n < 1 << 40
+                                                                       for n in shape)
+            and math.prod(max(n, 1) for n in shape) < 1 << 48):  # strides must fit, even of an empty tensor
         raise CheckpointError(f"{name}: tensor {i} has a bad shape {shape!r:.60}")
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    if type(offset) is not int or type(nbytes) is not int or nbytes != math.prod(shape) * itemsize:
-        raise CheckpointError(f"{name}: tensor {i} ({dtype} {shape}) does not span {nbytes!r} bytes")
-    if not 0 <= offset <= len(body) - nbytes:
+    if start != offset or type(nbytes) is not int or nbytes != math.prod(shape) * itemsize:
+        raise CheckpointError(f"{name}: tensor {i} ({dtype} {shape}) is not {nbytes!r:.20} bytes at {offset}")
+    if nbytes > len(body) - offset:
         raise CheckpointError(f"{name}: tensor {i} lies outside the file (truncated?)")
     if nbytes == 0:
         return torch.empty(shape, dtype=DTYPES[dtype])

@@ -94,9 +94,11 @@ class ControlServer:
     def start(self) -> ControlServer:
         self._server.start()
         path = self.run_dir / CONTROL_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_name(f"{CONTROL_FILE}.tmp")  # created 0600, then renamed: readers never see it half written
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"address": self.address, "token": self.token}, f)
+        os.replace(tmp, path)
         logger.info("control plane on %s (token in %s)", self.address, path)
         return self
 

@@ -40,11 +40,12 @@ class Engine(Protocol):
                  control: RunControl | None = None) -> EngineResult: ...
 
 
-def make_schedule(cfg: TrainConfig, stages: int, depth: int, start: int, store: CheckpointStore | None,
-                  ) -> Schedule:
-    """The run's schedule from `start`; one barrier policy for every engine: with a store, an initial
-    barrier unless a complete checkpoint of that very state exists (a fresh run, not a resume)."""
-    return Schedule(stages, depth, start, cfg.steps, every=cfg.checkpoint_every, checkpoints=store is not None,
+def make_schedule(cfg: TrainConfig, stages: int, depth: int, start: int, stop: int,
+                  store: CheckpointStore | None) -> Schedule:
+    """The schedule of micro-batches [start, stop); one barrier policy for every engine: with a store, a
+    barrier every --checkpoint-every, on request and at the end, and an initial one unless a complete
+    checkpoint of that very state exists (a fresh run, not a resume or a recovery)."""
+    return Schedule(stages, depth, start, stop, every=cfg.checkpoint_every, checkpoints=store is not None,
                     initial=store is not None and store.record(start) is None)
 
 

@@ -8,7 +8,8 @@ below emitted.
     micro-batch m:   L1.step -> L2.step -> L3.step      then m+1, ...
 
 `e2e` is end-to-end backprop: one learner holding every block, the objective on the top one. A checkpoint
-here has one part; it loads into any engine of the same network, which regroups the learners.
+of the sequential loop has one part holding every layer's learner; the Ray engine regroups them into its
+stages (and back), so a run resumes on either. An e2e checkpoint resumes an e2e run only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def run_local(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnSt
     if resume is not None:
         stage.load(resume.learners, resume.ledgers[0].ranges if resume.ledgers else None)
         start = resume.step
-    schedule = make_schedule(cfg, 1, 0, start, store)
+    schedule = make_schedule(cfg, 1, 0, start, cfg.steps, store)
     reports = Reports(1, on_step, start)
     done: dict[int, StepReport] = {}
     parts: dict[int, Part] = {}

@@ -1,7 +1,7 @@
 """Placement: joining (or starting) a Ray, one placement-group bundle per stage, the named stage actors.
 
 One bundle per stage, `{CPU: c, GPU: g}` with g = 1 where the cluster has GPUs (or --gpus-per-stage), PACK
-by default, SPREAD on request (design decision 5). Each stage actor is named `lamina-<run id>-stage<k>` in
+by default, SPREAD on request. Each stage actor is named `lamina-<run id>-stage<k>` in
 the `lamina` namespace, which is how the dashboard's Actors page and `ray list actors` show it; an actor
 that replaces a lost one is named `...-stage<k>-r<generation>`.
 """
@@ -77,10 +77,10 @@ class StageActors:
     whatever happened in between.
     """
 
-    def __init__(self, cfg: TrainConfig, spec: LearnerSpec, run_id: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, spec: LearnerSpec) -> None:
         self.cfg, self.spec = cfg, spec
         self.ranges = partition(len(spec.blocks), cfg.layers_per_stage)
-        self.run_id = run_id or make_run_id(cfg.run_dir)
+        self.run_id = make_run_id(cfg.run_dir)
         self.names = [f"lamina-{self.run_id}-stage{k}" for k in range(len(self.ranges))]
         self.handles: list[Any] = []  # ActorHandle of each stage
         self.info: list[dict[str, Any]] = []  # Stage.info() of each: node, device, layers, pid
@@ -139,8 +139,8 @@ class StageActors:
         ).remote(self.spec, first, last, k, self.run_id, self.names[k], max(1, int(self.cfg.cpus_per_stage)),
                  "cuda" if self.gpus else "cpu")
 
-    def replace_dead(self) -> list[int]:
-        """Replace every stage actor that does not answer, in its own bundle; the stages replaced."""
+    def replace_dead(self) -> None:
+        """Replace every stage actor that does not answer, in its own bundle."""
         dead = [k for k in range(len(self.handles)) if not self.alive(k)]
         if dead:
             self._generation += 1
@@ -150,8 +150,8 @@ class StageActors:
             except RayError as e:
                 logger.debug("kill: %s", e)
             self.handles[k] = self._spawn(k)
-            logger.warning("stage %d replaced by %s", k, self.names[k])
-        return dead
+            self.info[k] = get(self.handles[k].info.remote(), k, None, self.names[k])
+            logger.warning("stage %d replaced by %s (pid %d)", k, self.names[k], self.info[k]["pid"])
 
     def alive(self, k: int) -> bool:
         try:

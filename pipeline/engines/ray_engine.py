@@ -27,7 +27,7 @@ from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
 from pipeline.engines.actors import get
-from pipeline.engines.base import EngineResult, OnStep, Reports, follow_requests
+from pipeline.engines.base import EngineResult, OnStep, Reports, follow_requests, make_schedule
 from pipeline.engines.placement import StageActors, connect
 from pipeline.engines.recovery import Recovery
 from pipeline.errors import CheckpointError, StageLost
@@ -39,7 +39,7 @@ from workers.learner import LearnerSpec
 
 logger = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 60.0  # on Ctrl-C, how long to let in-flight micro-batches finish before killing
+DRAIN_TIMEOUT_S = 60.0  # on an interrupt, how long to let checkpoint writes in flight finish before killing
 POLL_S = 0.5  # while waiting for a stage, the driver looks at stop / checkpoint requests this often
 
 
@@ -85,9 +85,7 @@ class RayPipeline:
         reports = Reports(len(self.actors), on_step, start)
         segment = start
         while True:
-            store = self.store
-            schedule = Schedule(len(self.actors), self.cfg.queue_depth, segment, stop, every=self.cfg.checkpoint_every,
-                                checkpoints=store is not None, initial=store is not None and store.record(segment) is None)
+            schedule = make_schedule(self.cfg, len(self.actors), self.cfg.queue_depth, segment, stop, self.store)
             try:
                 self._drive(schedule, source, reports)
                 return schedule.stopped_at
@@ -132,7 +130,7 @@ class RayPipeline:
             if self.control is not None and self.control.stop_requested:
                 logger.warning("interrupted again: exiting without draining")
             else:
-                self._drain(list(pending.values()))
+                self._drain([ref for refs in parts.values() for ref in refs.values()])
             raise
 
     def _wait(self, refs: list[Any], schedule: Schedule) -> None:
@@ -142,15 +140,18 @@ class RayPipeline:
             follow_requests(self.control, schedule)
 
     def _drain(self, refs: list[Any]) -> None:
-        """Let what is in flight finish (bounded by DRAIN_TIMEOUT_S), so stages stop between micro-batches."""
-        logger.warning("interrupted: draining %d in-flight stage steps (up to %gs)", len(refs), DRAIN_TIMEOUT_S)
+        """Let the checkpoint parts being written finish (bounded by DRAIN_TIMEOUT_S) before the stages are
+        killed, so that the store holds no half-written part; the steps in flight are abandoned."""
+        if not refs:
+            return
+        logger.warning("interrupted: draining %d checkpoint writes in flight (up to %gs)", len(refs), DRAIN_TIMEOUT_S)
         try:
             _, left = ray.wait(refs, num_returns=len(refs), timeout=DRAIN_TIMEOUT_S)
         except KeyboardInterrupt:
             logger.warning("interrupted again: not draining")
             return
         if left:
-            logger.warning("%d stage steps still running after %gs: killing them", len(left), DRAIN_TIMEOUT_S)
+            logger.warning("%d checkpoint writes still running after %gs: killing them", len(left), DRAIN_TIMEOUT_S)
 
     # -- after training -------------------------------------------------------------------------------
 

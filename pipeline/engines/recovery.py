@@ -34,10 +34,11 @@ MAX_RECOVERIES = 3  # losses in a row without progress before a run gives up
 class Recovery:
     """The recovery policy of one run over its stage actors and checkpoint store."""
 
-    def __init__(self, actors: StageActors, store: CheckpointStore, max_in_a_row: int = MAX_RECOVERIES) -> None:
-        self.actors, self.store, self.max_in_a_row = actors, store, max_in_a_row
+    def __init__(self, actors: StageActors, store: CheckpointStore) -> None:
+        self.actors, self.store = actors, store
+        self.max_in_a_row = MAX_RECOVERIES
         self.count = 0  # recoveries so far
-        self._mark = (-1, -1)  # (newest complete checkpoint, micro-batches seen) at the last loss
+        self._latest, self._seen = -1, -1  # the newest checkpoint and micro-batches seen at the last loss
         self._stalled = 0  # losses in a row without progress
 
     def recover(self, error: StageLost, seen: int) -> int:
@@ -46,9 +47,9 @@ class Recovery:
         latest = self.store.latest_complete()
         if latest is None:
             raise RecoveryError(f"{error} — and no complete checkpoint to recover from in {self.store.uri}") from error
-        mark = (latest, seen)
-        self._stalled = self._stalled + 1 if mark <= self._mark else 1
-        self._mark = max(mark, self._mark)
+        progress = latest > self._latest or seen > self._seen  # a newer checkpoint, or a micro-batch seen first
+        self._stalled = 1 if progress else self._stalled + 1
+        self._latest, self._seen = max(latest, self._latest), max(seen, self._seen)
         if self._stalled > self.max_in_a_row:
             raise RecoveryError(f"{error} — {self._stalled} failures in a row without progress (restoring "
                                 f"checkpoint {latest}, {seen} micro-batches seen each time): not retrying") from error

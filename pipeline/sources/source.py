@@ -1,7 +1,7 @@
 """The contract of a source: where micro-batches come from.
 
 An engine asks a source for micro-batch m by number, in order, and may ask again for the same m after a
-failure ([Note: recovery] in pipeline/engines/ray_engine.py): `batch(m)` must return the same clips every
+failure ([Note: recovery] in pipeline/engines/recovery.py): `batch(m)` must return the same clips every
 time. Today's sources are samplers over videos held in memory (pipeline/sources/sampler.py), for which
 micro-batch m is a pure function of (seed, m); a source over files or a live stream keeps what it needs
 to replay (an index, a write-ahead log) and plugs in behind the same three names.

@@ -2,7 +2,7 @@
 
 Every gauge is named `lamina_<what>` (Prometheus shows it as `ray_lamina_<what>`) and carries the tags
 `run` (the run id, also in the stage actors' names) and `stage` (0 = bottom). Layer metrics add `layer`
-(0-based, as in metrics.parquet), since a stage may hold several layers.
+(0-based, as in the run's metrics log), since a stage may hold several layers.
 
     set inside each stage actor, once per micro-batch, from its StepReport (pipeline/stage.py):
       lamina_loss, lamina_pos, lamina_neg, lamina_over, lamina_spread   per layer (workers/objectives.py)
@@ -17,14 +17,11 @@ stage step of milliseconds, it is set on every micro-batch rather than throttled
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 from ray.util.metrics import Gauge
 
 from pipeline.stage import StepReport
-
-logger = logging.getLogger(__name__)
 
 PREFIX = "lamina_"
 

@@ -106,13 +106,16 @@ def read_metrics(directory: str | os.PathLike) -> pa.Table:
     for _, path in _parts(Path(directory)):
         try:
             table = pq.read_table(path)
+            restart = (table.schema.metadata or {}).get(RESTART_KEY)
+            mark = int(restart) if restart is not None else None
             table = table.select(SCHEMA.names).cast(SCHEMA.remove_metadata())
+        except FileNotFoundError:  # compacted away while we listed
+            continue
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             logger.warning("%s: not a metrics part (%s); skipping it", path, e)
             continue
-        restart = (pq.read_schema(path).metadata or {}).get(RESTART_KEY)
-        if restart is not None:
-            tables = [t.filter(pc.field("step") < int(restart)) for t in tables]
+        if mark is not None:
+            tables = [t.filter(pc.field("step") < mark) for t in tables]
         tables.append(table.replace_schema_metadata(None))
     if not tables:
         return SCHEMA.empty_table()
