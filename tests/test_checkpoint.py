@@ -135,6 +135,16 @@ def test_keep_last_prunes_old_and_abandoned_checkpoints(tmp_path: Path) -> None:
     assert store.complete() == [12, 14]
 
 
+def test_directories_the_store_did_not_write_are_left_alone(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path), keep=1)
+    for stray in ("step-7", "step-0000009", "notes"):
+        (tmp_path / stray).mkdir()
+    for step in (4, 8):
+        write(store, step)  # commits prune: they must neither read nor delete the stray directories
+    assert store.steps() == [8] and store.latest_complete() == 8
+    assert all((tmp_path / stray).is_dir() for stray in ("step-7", "step-0000009", "notes"))
+
+
 def test_any_pyarrow_uri_and_the_store_pickles(tmp_path: Path) -> None:
     import pickle
 

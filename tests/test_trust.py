@@ -50,6 +50,27 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _crafted(tree: object, tensors: list[dict], body: bytes = b"") -> bytes:
+    header = json.dumps({"tree": tree, "tensors": tensors}).encode()
+    return tensorfile.MAGIC + len(header).to_bytes(8, "little") + header + body
+
+
+F32 = {"dtype": "float32", "shape": [256], "offset": 0, "nbytes": 1024}
+
+
+@pytest.mark.parametrize(("tensors", "problem"), [
+    ([F32] * 300, "is not 1024 bytes at 1024"),  # 300 views of one KB: 300 KB of memory from a 1 KB file
+    ([{**F32, "dtype": ["float32"]}], "unknown dtype"),
+    ([{**F32, "shape": [0, 1 << 70], "nbytes": 0}], "bad shape"),
+    ([{**F32, "shape": [0, 1 << 30, 1 << 30], "nbytes": 0}], "bad shape"),  # strides that overflow
+    ([{**F32, "shape": [1] * 40, "nbytes": 4}], "bad shape"),
+    ([{**F32, "shape": [128], "nbytes": 512}], "bytes after the last tensor"),
+])
+def test_a_header_that_lies_is_refused_before_anything_is_allocated(tensors: list[dict], problem: str) -> None:
+    with pytest.raises(CheckpointError, match=problem):
+        tensorfile.loads(_crafted({"$tensor": 0}, tensors, bytes(1024)), "stage-0.state")
+
+
 @pytest.mark.parametrize("make", ["pickle", "torch.save", "truncated", "header-lies", "bad-tree"])
 def test_anything_but_the_format_is_refused(tmp_path: Path, make: str) -> None:
     marker = tmp_path / "pwned"
