@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.sources import format_sources
 from pipeline.bench.transport import KB, MB
 
 
@@ -58,6 +59,8 @@ def format_tables(res: dict[str, Any]) -> str:
         m = res["hop_marginal"]
         lines.append("| per extra byte, two largest sizes | " + " | ".join(f"{m[t]:.2f}x" for t in names)
                      + f" | 1x | {m['memcpy-new']:.2f}x |")
+    if "sources" in res:
+        lines += ["", format_sources(res["sources"])]
     lines += ["", (f"{res['machine']['cores']} cores, torch {res['machine']['torch']}, ray {res['machine']['ray']}; "
               f"load average at start {', '.join(f'{x:.1f}' for x in res['machine']['load_avg_at_start'])}; "
               f"bench took {res['elapsed_s']:.0f} s.")]

@@ -51,6 +51,7 @@ import torch
 
 from pipeline.bench.measure import Loop, StageProbe, actor, pipeline_run
 from pipeline.bench.report import write
+from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
 from pipeline.bench.transport import SIZES, TRANSPORTS, HopRow, hop_costs
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class BenchConfig:
     transports: tuple[str, ...] = ("numpy-ref",)  # the engine's transport; the full bench adds the others
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)  # threads of the in-process baselines
+    sources: SourceBenchConfig | None = None  # the source throughput section (pipeline/bench/sources.py); None: off
 
     def __post_init__(self) -> None:
         n = len(self.layers.split(","))
@@ -88,8 +90,8 @@ class BenchConfig:
                              f"{self.steps}, {self.repeats})")
 
 
-QUICK = BenchConfig(warmup=3, steps=12, hop_rounds=15)
-FULL = BenchConfig(scaling_clips=(4, 16, 64), warmup=5, steps=40, repeats=5, hop_rounds=20,
+QUICK = BenchConfig(warmup=3, steps=12, hop_rounds=15, sources=SOURCES_QUICK)
+FULL = BenchConfig(scaling_clips=(4, 16, 64), warmup=5, steps=40, repeats=5, hop_rounds=20, sources=SOURCES_FULL,
                    transports=TRANSPORTS)
 
 
@@ -106,17 +108,17 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     from pipeline.config import TrainConfig
     from pipeline.engines.placement import StageActors
     from pipeline.engines.ray_engine import RayPipeline
-    from pipeline.sources import ClipSampler, load_videos
+    from pipeline.sources import Source, open_source
 
     t_start = time.perf_counter()
     if not ray.is_initialized():
         # Logical CPUs: one 1-CPU bundle for each of up to max(stages) stages, whatever the cores.
         # Workers at niceness 0 rather than Ray's 15 (PERFLOG.md, F3): the driver, Ray's daemons and any other
         # tenant run at 0, and niced stages would lose every contended core to them (CFS weight 36 vs 1024).
-        ray.init(address="local", num_cpus=max(cfg.cores, *cfg.stages), include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address="local", num_cpus=max(cfg.cores, *cfg.stages, 3 if cfg.sources else 1), include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, _system_config={"worker_niceness": cfg.worker_niceness})
     n_layers = len(cfg.layers.split(","))
-    videos = load_videos(cfg.data, cfg.size, "train")
+    sources: dict[int, Source] = {}  # one per micro-batch size: any data spec, streamed ones too
     total = cfg.warmup + cfg.steps + 1
 
     def train_cfg(clips: int, engine: str, stages: int = 1) -> TrainConfig:
@@ -124,7 +126,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
                            steps=total, engine=engine, layers_per_stage=n_layers // stages,
                            queue_depth=cfg.queue_depth, cpus_per_stage=1.0)
 
-    spec = train_cfg(cfg.clips, "ray").learner_spec(videos.frame_shape)
+    def sampler(clips: int) -> Source:
+        if clips not in sources:
+            sources[clips] = open_source(cfg.data, cfg.size, clips, cfg.clip_len, 0)
+        return sources[clips]
+
+    spec = train_cfg(cfg.clips, "ray").learner_spec(sampler(cfg.clips).frame_shape)
     loop = actor(Loop)()
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "machine": _machine()}
 
@@ -140,9 +147,6 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
         iso[clips] = {tuple(g["range"]): g["step_s"] for g in got if not g["e2e"]}  # type: ignore[misc]
         memory[clips] = {f"{'e2e' if g['e2e'] else 'layers'} {g['range'][0]}-{g['range'][1] - 1}": g["peak_mb"]
                          for g in got}
-
-    def sampler(clips: int) -> ClipSampler:
-        return ClipSampler(videos, clips, cfg.clip_len, 0)
 
     def baselines(clips: int) -> dict[str, float]:
         s = sampler(clips)
@@ -206,6 +210,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     hops = hop_costs(cfg.hop_sizes, cfg.hop_rounds, warmup=2, transports=cfg.transports)
     results["hops"] = [_hop_dict(h) for h in hops]
     results["hop_marginal"] = _marginal(hops)
+    # 6. Source throughput against what the pipeline consumes ([Note: the source is not the bottleneck]).
+    if cfg.sources is not None:
+        results["sources"] = run_sources(cfg.sources, progress=progress)
     results["elapsed_s"] = time.perf_counter() - t_start
     return results
 

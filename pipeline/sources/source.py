@@ -2,9 +2,10 @@
 
 An engine asks a source for micro-batch m by number, in order, and may ask again for the same m after a
 failure ([Note: recovery] in pipeline/engines/recovery.py): `batch(m)` must return the same clips every
-time. Today's sources are samplers over videos held in memory (pipeline/sources/sampler.py), for which
-micro-batch m is a pure function of (seed, m); a source over files or a live stream keeps what it needs
-to replay (an index, a write-ahead log) and plugs in behind the same three names.
+time. The samplers over videos held in memory (pipeline/sources/sampler.py) and the sources that stream
+video files and prepared Parquet datasets (pipeline/sources/streaming.py) make micro-batch m a pure
+function of (seed, m); a live stream would keep what it needs to replay (a write-ahead log) and plug in
+behind the same three names.
 """
 
 from __future__ import annotations
