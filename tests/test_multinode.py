@@ -61,8 +61,9 @@ def two_nodes() -> Iterator[Cluster]:
 def test_spread_runs_the_two_stages_on_different_nodes(two_nodes: Cluster, tmp_path: Path) -> None:
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
+    # The two nodes share this machine's disk: a file:// store declares it (a plain path would be refused).
     cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", placement="spread", steps=6,
-                      run_dir=str(tmp_path / "tworun"))
+                      run_dir=str(tmp_path / "tworun"), checkpoint_uri=f"file://{tmp_path}/shared")
     spec, sampler = setup(cfg)
     calls = Recorder()
 
@@ -79,7 +80,8 @@ def test_spread_runs_the_two_stages_on_different_nodes(two_nodes: Cluster, tmp_p
 
 
 def test_pack_keeps_the_two_stages_on_one_node(two_nodes: Cluster, tmp_path: Path) -> None:
-    cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", placement="pack", run_dir=str(tmp_path / "packrun"))
+    cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", placement="pack", run_dir=str(tmp_path / "packrun"),
+                      checkpoint_uri=f"file://{tmp_path}/shared")
     spec, _ = setup(cfg)
     # PACK packs onto as few nodes as *currently* fit: wait until the previous test's actors have given
     # their CPUs back, or a busy node makes PACK (rightly) split the bundles.
