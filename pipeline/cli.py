@@ -7,14 +7,17 @@ non-zero exit; `--debug` shows the traceback too.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.errors import ConfigError, LaminaError
-from pipeline.flags import add_flags, arg_type, config_from_args, given_flags
+from pipeline.flags import add_flags, arg_type, config_from_args, given_settings
 
 STUDY_FLAGS = ("data", "steps", "seed", "engine", "loss_grid", "deltas")  # what a study's variants share
 
@@ -62,16 +65,39 @@ def parser() -> argparse.ArgumentParser:
     ct = sub.add_parser("control", help="ask a training run for its status, a checkpoint or a graceful stop")
     ct.add_argument("--run-dir", required=True)
     ct.add_argument("action", choices=("status", "checkpoint", "stop"))
+    ct.add_argument("--json", action="store_true", help="status as JSON, for scripts")
 
     be = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
     be.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
     be.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
+
+    pp = sub.add_parser("prepare", help="video files, folders of them and image-sequence folders -> a Parquet "
+                        "dataset for --data parquet:DIR (in parallel on Ray, resumable)")
+    pp.add_argument("sources", nargs="+", metavar="SRC", help="video files, folders (walked recursively) or globs")
+    pp.add_argument("--out", required=True, metavar="DIR|URI",
+                    help="the dataset: a path or a pyarrow.fs URI (s3://..., gs://...); a re-run adds to it")
+    pp.add_argument("--size", type=int, default=32, help="frames are stored at SIZE x SIZE (train with this --size)")
+    pp.add_argument("--channels", type=int, choices=(3, 1), default=3, help="3: RGB, 1: grey")
+    pp.add_argument("--fit", choices=("crop", "squash"), default="crop",
+                    help="square frames by a centre crop to the short side, or by resizing as they are")
+    pp.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw", help="how frames are stored")
+    pp.add_argument("--quality", type=int, default=90, help="JPEG quality (--encoding jpeg)")
+    pp.add_argument("--labels", choices=("folder", "stem", "none"), default="folder",
+                    help="a video's label: its parent folder's name, its file's stem, or none")
+    pp.add_argument("--group-frames", type=int, default=64, metavar="N",
+                    help="rows per Parquet row group, the unit a reader fetches")
+    pp.add_argument("--strict", action="store_true", help="stop at the first damaged or unreadable source "
+                    "(default: skip it, with a warning naming it, and count it)")
+    pp.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="shards prepared at once, one Ray task each (default: the Ray cluster's CPUs)")
+    pp.add_argument("--address", default=None, metavar="HOST:PORT",
+                    help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray for this command)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    args = p.parse_args(_negatives_attached(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:
@@ -79,14 +105,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _run(args)
-    except (LaminaError, ValueError, OSError) as e:  # ValueError, OSError: from libraries, on bad input
+    except (LaminaError, ValueError, OSError, MemoryError) as e:  # the last three: from libraries, on bad input
         if args.debug:
             traceback.print_exc()
-        print(f"lamina {args.command}: error: {e}", file=sys.stderr)
+        print(f"lamina {args.command}: error: {e or type(e).__name__}", file=sys.stderr)
         return e.exit_code if isinstance(e, LaminaError) else 2
     except KeyboardInterrupt:
         print(f"lamina {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug of lamina's: still one line, and the way to the traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"lamina {args.command}: unexpected error: {type(e).__name__}: {e} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _negatives_attached(argv: list[str]) -> list[str]:
+    """`--deltas -1,0,0` -> `--deltas=-1,0,0`: argparse takes a value that starts with '-' for a flag and
+    answers "expected one argument"; attached, the value reaches the check that names what is wrong with it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"^-\.?\d", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _probe_split(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, float | None]:
@@ -101,9 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.run import resume, train
 
         if args.resume:
-            if given_flags(args):
-                raise ConfigError(f"--resume continues a run with its own config: drop {' '.join(given_flags(args))}")
-            outcome = resume(args.resume, handle_signals=True)
+            outcome = resume(args.resume, handle_signals=True, given=given_settings(args))
         else:
             outcome = train(config_from_args(args), handle_signals=True)
         print(f"run directory: {outcome.path}")
@@ -116,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
         from pipeline.evaluation.probe import format_table, probe
 
-        report = probe(args.run_dir, args.data, *_probe_split(args))
+        report = probe(args.run_dir, args.data, *_probe_split(args), progress=True)
         print(format_table(report))
         print(f"wrote {args.run_dir}/probe.json")
         return 0
@@ -137,8 +179,16 @@ def _run(args: argparse.Namespace) -> int:
         print(bench(args.quick, out))
         print(f"wrote {out}/bench.json, bench.md, bench.png")
         return 0
+    if args.command == "prepare":
+        from pipeline.sources.dataset import PrepareOptions
+        from pipeline.sources.prepare import prepare, summary
+
+        options = PrepareOptions(size=args.size, channels=args.channels, fit=args.fit, encoding=args.encoding,
+                                 quality=args.quality, labels=args.labels, group_frames=args.group_frames)
+        print(summary(prepare(args.sources, args.out, options, args.strict, args.address, args.workers)))
+        return 0
     if args.command == "control":
-        return _control(args.run_dir, args.action)
+        return _control(args.run_dir, args.action, args.json)
     if args.command == "report":
         from pipeline.rundir import RunDir
 
@@ -150,8 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(f"unknown command {args.command}")
 
 
-def _control(run_dir: str, action: str) -> int:
+def _control(run_dir: str, action: str, as_json: bool = False) -> int:
     import grpc
+    from google.protobuf.json_format import MessageToDict
 
     from pipeline.control.server import ControlClient
 
@@ -163,16 +214,35 @@ def _control(run_dir: str, action: str) -> int:
         return 2
     finally:
         client.close()
-    if action == "status":
-        print(f"{reply.run_dir}: engine {reply.engine}, {reply.steps_done}/{reply.steps_total} micro-batches, "
-              f"{reply.microbatches_per_s:.2f}/s" + (", stopping" if reply.stopping else ""))
-        for layer in reply.layers:
-            print(f"  layer {layer.layer + 1}: loss {layer.loss:.4f}, spread {layer.spread:.3f}")
+    if action == "status" and as_json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), indent=1))
+    elif action == "status":
+        print(_status_table(reply))
     elif action == "checkpoint":
         print(reply.detail)
     else:
         print("stopping: the run drains, checkpoints and exits" if reply.accepted else "already stopping")
     return 0
+
+
+def _status_table(reply: Any) -> str:
+    """`lamina control status`: the run on one line, then a row per stage with its layers' loss and spread."""
+    last = reply.last_checkpoint if reply.last_checkpoint >= 0 else "none"
+    lines = [f"{reply.run_dir}: {reply.engine}, {reply.steps_done}/{reply.steps_total} micro-batches, "
+             f"{reply.microbatches_per_s:.2f} micro-batches/s since start, last checkpoint {last}"
+             + (f", {reply.checkpoint_failures} checkpoint(s) failed" if reply.checkpoint_failures else "")
+             + (", stopping" if reply.stopping else ""),
+             f"{'stage':>5}  {'layer':>5}  {'micro-batch':>11}  {'loss':>8}  {'spread':>6}  {'mb/s':>6}  {'busy':>5}"]
+    layers = {lr.layer: lr for lr in reply.layers}
+    for st in reply.stages:
+        for i, k in enumerate(st.layers):
+            lr = layers.get(k)
+            stage = (f"{st.stage:>5}", f"{st.micro_batch:>11}", f"{st.microbatches_per_s:>6.1f}",
+                     f"{st.busy:>5.0%}") if i == 0 else (" " * 5, " " * 11, " " * 6, " " * 5)
+            loss = f"{lr.loss:>8.4f}  {lr.spread:>6.3f}" if lr else f"{'-':>8}  {'-':>6}"
+            lines.append(f"{stage[0]}  {k + 1:>5}  {stage[1]}  {loss}  {stage[2]}  {stage[3]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -50,14 +50,15 @@ def _head(text: str) -> tuple[int, int] | None:
     return (sizes[0], sizes[1])
 
 
-def _gpus(text: str) -> float | None:
+def _auto_float(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = flag("synthetic", "synthetic[:OPTS] (built-in procedural videos), moving-mnist:PATH (an MNIST "
-                     ".npz) or npz:PATH (a sequence or turntable archive)", metavar="SPEC")
+                     ".npz), npz:PATH (a sequence or turntable archive), video:PATH (video files, decoded on the "
+                     "fly) or parquet:DIR (a dataset lamina prepare wrote, at a path or a pyarrow.fs URI)", metavar="SPEC")
     objective: str = flag("clip-nce", "local objective of every layer: hinge, hinge-neg, slow-var, nce or clip-nce",
                           choices=tuple(sorted(OBJECTIVES)))
     engine: str = flag("ray", "ray (the asynchronous pipeline), sequential (layer-local loop in one process) or "
@@ -72,6 +73,9 @@ class TrainConfig:
     clip_len: int = flag(8, "T: frames per clip")
     stride: int = flag(1, "frames between a clip's neighbouring frames (the temporal distance of positives)")
     size: int = flag(32, "frames are resized to SIZE x SIZE")
+    memory_budget: float | None = flag(None, "GiB the data held in memory may take (synthetic, moving-mnist, npz); "
+                                       "larger data is refused before loading", parse=_auto_float,
+                                       metavar="GIB|auto", shown="half of this machine's memory")
     lr: float = flag(1e-3, "Adam learning rate of every layer")
     head: tuple[int, int] | None = flag((256, 64), "per-layer projection head HIDDEN,OUT, trained with its layer, "
                                         "never passed on; none: the loss on the pooled maps", parse=_head,
@@ -82,7 +86,8 @@ class TrainConfig:
     norm: str = flag("rms", "how a layer's output is scaled before the next layer: rms (per frame), channel "
                      "(per location) or none", choices=NORMS)
     seed: int = flag(0, "initialisation and data order")
-    run_dir: str = flag("", "where config, metrics and checkpoints go", metavar="DIR", shown="runs/<time>")
+    run_dir: str = flag("", "where config, metrics and checkpoints go: a path, or a pyarrow.fs URI (s3://..., "
+                        "file:///SHARED/PATH) that outlives the machine", metavar="DIR", shown="runs/<time>")
     layers_per_stage: int = flag(1, "consecutive layers per stage actor (when layers outnumber devices)",
                                  section="ray")
     queue_depth: int = flag(2, "bounded channel depth between stages, in micro-batches", section="ray")
@@ -90,15 +95,23 @@ class TrainConfig:
                           choices=PLACEMENTS, section="ray")
     cpus_per_stage: float = flag(1.0, "CPUs reserved per stage (its torch threads)", section="ray")
     gpus_per_stage: float | None = flag(None, "GPUs reserved per stage; a fraction shares one GPU between stages",
-                                        parse=_gpus, metavar="N|auto", shown="auto: 1 when the cluster has GPUs, else 0",
+                                        parse=_auto_float, metavar="N|auto", shown="auto: 1 when the cluster has GPUs, else 0",
                                         section="ray")
     address: str | None = flag(None, "Ray cluster to join", metavar="HOST:PORT",
                                shown="RAY_ADDRESS, else a new local Ray", section="ray")
+    connect_timeout: float = flag(30.0, "seconds the Ray cluster at --address has to answer before the run "
+                                  "gives up", metavar="S", section="ray")
     checkpoint_every: int = flag(100, "barrier checkpoint every N micro-batches (0: only on request, on stop "
                                  "and at the end)", metavar="N", section="checkpoints")
     keep_checkpoints: int = flag(3, "complete checkpoints kept (older ones are pruned)", section="checkpoints")
-    checkpoint_uri: str = flag("", "where checkpoints go: a path or a pyarrow.fs URI (s3://..., gs://...)",
-                               metavar="URI", shown="RUN_DIR/checkpoints", section="checkpoints")
+    tolerable_checkpoint_failures: int = flag(3, "barrier checkpoints in a row that may fail to be written "
+                                              "(each is reported) before the run stops", metavar="N",
+                                              section="checkpoints")
+    # A plain path is one node's disk; a URI is taken to reach every node ([Note: shared storage] in
+    # pipeline/storage.py), which a run on several nodes needs.
+    checkpoint_uri: str = flag("", "where checkpoints go: a path (this node's disk), or a pyarrow.fs URI every "
+                               "node reaches (s3://..., gs://..., file:///SHARED/MOUNT)", metavar="URI",
+                               shown="RUN_DIR/checkpoints", section="checkpoints")
     n_layers: int = field(init=False)  # derived from `layers`
 
     def __post_init__(self) -> None:
@@ -118,10 +131,14 @@ class TrainConfig:
             object.__setattr__(self, "loss_grid", (2,) * n)
         elif len(self.loss_grid) == 1:
             object.__setattr__(self, "loss_grid", self.loss_grid * n)
-        finite = (self.lr, *self.deltas, self.cpus_per_stage, self.gpus_per_stage or 0.0)
+        finite = (self.lr, *self.deltas, self.cpus_per_stage, self.gpus_per_stage or 0.0, self.connect_timeout,
+                  self.memory_budget or 0.0)
         checks = [
             (all(math.isfinite(x) for x in finite),
-             "--lr, --deltas, --cpus-per-stage and --gpus-per-stage must be finite", finite),
+             ("--lr, --deltas, --cpus-per-stage, --gpus-per-stage, --connect-timeout and --memory-budget must "
+              "be finite"), finite),
+            (self.memory_budget is None or self.memory_budget > 0, "--memory-budget must be > 0",
+             self.memory_budget),
             (self.objective in OBJECTIVES, f"--objective must be one of {sorted(OBJECTIVES)}", self.objective),
             (self.engine in ENGINES, f"--engine must be one of {list(ENGINES)}", self.engine),
             (self.steps >= 1, "--steps must be >= 1", self.steps),
@@ -144,8 +161,11 @@ class TrainConfig:
             (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
             (self.gpus_per_stage is None or self.gpus_per_stage >= 0, "--gpus-per-stage must be >= 0",
              self.gpus_per_stage),
+            (self.connect_timeout > 0, "--connect-timeout must be > 0", self.connect_timeout),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0", self.checkpoint_every),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1", self.keep_checkpoints),
+            (self.tolerable_checkpoint_failures >= 0, "--tolerable-checkpoint-failures must be >= 0",
+             self.tolerable_checkpoint_failures),
         ]
         for ok, message, value in checks:
             if not ok:

@@ -64,9 +64,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in train_fields() if hasattr(args, f.name)})
 
 
-def given_flags(args: argparse.Namespace) -> list[str]:
-    """The TrainConfig flags given on the command line (for refusing them where they would be ignored)."""
-    return [option(f.name) for f in train_fields() if hasattr(args, f.name)]
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line, as parsed (flags not given are left out)."""
+    return {f.name: getattr(args, f.name) for f in train_fields() if hasattr(args, f.name)}
 
 
 def flag_table() -> str:

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +113,19 @@ class Stage:
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
             out, metrics = self.stack.step(xt.to(self.device))
-            for layer, mt in zip(self.layers, metrics, strict=True):
-                # A non-finite loss has already been stepped into the weights: the run cannot recover,
-                # so stop it here. The check is free: the metrics are already Python floats.
+            # [Note: the non-finite guard] One guard for every engine: a non-finite loss, or a step that made
+            # a weight non-finite (an lr too large can do that with a finite loss), has been stepped into the
+            # weights, so the run cannot go on; it stops here, where layer and micro-batch are known, and
+            # no barrier behind this step is ever written: the last complete checkpoint is the last good
+            # state. Cost: the loss check is free (metrics are Python floats); the weight check is one
+            # reduction over the layer's parameters and, on a GPU, one sync per step.
+            for learner, layer, mt in zip(self.stack.learners, self.layers, metrics, strict=True):
                 if not math.isfinite(mt["loss"]):
                     raise FloatingPointError(f"layer {layer + 1}: local loss is {mt['loss']} (input finite: "
                                              f"{bool(torch.isfinite(xt).all())})")
+                if not _finite(learner.modules().parameters()):
+                    raise FloatingPointError(f"layer {layer + 1}: a weight became non-finite in this step "
+                                             f"(loss {mt['loss']:.4g}; a smaller --lr?)")
             # .cpu() is a device sync on cuda; on the cpu .numpy() shares the tensor's memory, and the
             # only copy is Ray's into the object store.
             y = out.cpu().numpy() if emit else None
@@ -158,8 +165,9 @@ class Stage:
             return store.write_part(m + 1, self.index, {
                 "stage": self.index, "first": self.first, "last": self.last, "step": m + 1,
                 "learners": self.states(), "ledger": [list(r) for r in self.ledger.ranges]})
-        except Exception as e:
-            raise StageError(self.index, m, e, self.name) from e
+        except OSError as e:  # the store's failure, not the stage's: the run decides (BarrierHealth)
+            raise CheckpointError(f"stage {self.index} could not write its part of checkpoint {m + 1} to "
+                                  f"{store.uri}: {e}") from e
 
     def restore(self, store: CheckpointStore, step: int) -> int:
         """Load this stage's part of complete checkpoint `step` (read here, not through the driver)."""
@@ -174,6 +182,10 @@ class Stage:
         """Where this stage runs: for logs and for tests of placement."""
         return {"stage": self.index, "name": self.name, "layers": self.layers, "device": str(self.device),
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def _finite(params: Iterator[torch.Tensor]) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.control import control_pb2 as pb
 from pipeline.control.server import CONTROL_FILE, ControlClient, ControlHandlers, ControlServer
+from pipeline.errors import ConfigError
 
 
 @pytest.fixture()
@@ -54,7 +55,7 @@ def test_token_file_is_private_and_removed_on_stop(served, tmp_path: Path) -> No
     assert json.loads(path.read_text())["address"] == server.address
     server.stop()
     assert not path.exists()
-    with pytest.raises(FileNotFoundError, match="no control plane"):
+    with pytest.raises(ConfigError, match="the run is not running"):
         ControlClient(tmp_path)
 
 

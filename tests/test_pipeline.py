@@ -230,7 +230,7 @@ def _series(text: str, run: str) -> dict[tuple[str, str, str], float]:
         if match:
             tags = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
             if tags.get("run") == run:
-                out[(match[1], tags["stage"], tags.get("layer", ""))] = float(match[3])
+                out[(match[1], tags.get("stage", ""), tags.get("layer", ""))] = float(match[3])
     return out
 
 

@@ -67,3 +67,14 @@ def test_a_non_finite_loss_or_a_broken_input_is_a_stage_error_naming_it() -> Non
     with pytest.raises(StageError, match="micro-batch 8: RuntimeError"):
         stage.step(8, torch.zeros(3, 2, 2, 8, 8))  # two channels where the layer takes one
     assert stage.get_ledger() == []  # the ledger records no application
+
+
+def test_a_step_that_makes_a_weight_non_finite_stops_with_the_layer_named() -> None:
+    stage = Stage(SPEC, 0, 2, index=0)
+    stage.step(0, frames())
+    learner = stage.stack.learners[1]
+    weight = next(iter(learner.blocks.parameters()))
+    learner.optimizer.state[weight]["exp_avg"].fill_(math.inf)  # the next update is infinite; the loss is not
+    with pytest.raises(StageError, match=r"micro-batch 1: FloatingPointError: layer 2: a weight became "
+                                         r"non-finite in this step \(loss \d"):
+        stage.step(1, frames(1))

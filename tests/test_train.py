@@ -123,9 +123,9 @@ def test_cli_train_and_probe(tmp_path: Path, seq_npz: str, capsys: pytest.Captur
 @pytest.mark.parametrize("argv, message", [
     (["train", "--queue-depth", "0"], "--queue-depth must be >= 1 (got 0)"),
     (["train", "--data", "npz:/nonexistent.npz", "--engine", "sequential"], "/nonexistent.npz: no such file"),
-    (["train", "--data", "video:x"], "--data must be"),
+    (["train", "--data", "webcam:x"], "--data must be"),
     (["train", "--layers", "conv:4," * 6 + "conv:4", "--engine", "sequential"], "too many conv blocks for 32x32"),
-    (["train", "--resume", "/nonexistent-run", "--steps", "5"], "drop --steps"),
+    (["train", "--resume", "/nonexistent-run", "--steps", "5"], "not a lamina run directory"),
     (["probe", "--run-dir", "/nonexistent-run"], "not a lamina run directory"),
 ])
 def test_cli_reports_bad_input_in_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +134,7 @@ def test_cli_reports_bad_input_in_one_line(argv: list[str], message: str, capsys
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, code", [(["--lr", "x"], 2), (["--deltas", "-1,0"], 2), (["--head", "3"], 2)])
+@pytest.mark.parametrize("argv, code", [(["--lr", "x"], 2), (["--deltas", "a,0"], 2), (["--head", "3"], 2)])
 def test_cli_flag_types_name_the_flag(argv: list[str], code: int, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["train", *argv])

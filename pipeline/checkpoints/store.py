@@ -94,7 +94,10 @@ class CheckpointStore:
             else:
                 self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         except (OSError, ValueError, pa.ArrowException) as e:
-            raise CheckpointError(f"checkpoint store {uri!r}: {e}") from None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # pyarrow's first line says it
+            if "libjvm" in reason:
+                reason += " (hdfs:// needs a Java runtime and libhdfs on every node)"
+            raise CheckpointError(f"checkpoint store {uri!r}: {reason}") from None
         self.uri, self.keep, self.meta = uri, keep, meta or {}
 
     def __reduce__(self) -> tuple[Any, tuple[str, int, dict]]:
@@ -120,17 +123,23 @@ class CheckpointStore:
         parts = sorted(parts, key=lambda p: p.stage)
         if [p.stage for p in parts] != list(range(len(parts))) or any(p.step != step for p in parts):
             raise CheckpointError(f"checkpoint {step}: parts {parts} do not cover every stage once")
-        for p in parts:
-            info = self.fs.get_file_info(f"{self.dir(step)}/{p.file}")
-            if info.type != pafs.FileType.File or info.size != p.bytes:
-                raise CheckpointError(f"checkpoint {step}: {p.file} is missing or not {p.bytes} bytes "
-                                      f"({info.type}, {info.size})")
         record = {"format": FORMAT, "step": step, "time": time.time(), "meta": self.meta,
                   "stages": [{"file": p.file, "bytes": p.bytes, "sha256": p.sha256} for p in parts]}
-        self._write(f"{self.dir(step)}/{MARKER}", (json.dumps(record, indent=1) + "\n").encode())
+        try:
+            for p in parts:
+                info = self.fs.get_file_info(f"{self.dir(step)}/{p.file}")
+                if info.type != pafs.FileType.File or info.size != p.bytes:
+                    raise CheckpointError(f"checkpoint {step}: {p.file} is missing or not {p.bytes} bytes "
+                                          f"({info.type}, {info.size})")
+            self._write(f"{self.dir(step)}/{MARKER}", (json.dumps(record, indent=1) + "\n").encode())
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {step}: could not write {MARKER} to {self.uri}: {e}") from e
         logger.info("checkpoint %s complete (%d stages, %d bytes)", self.dir(step), len(parts),
                     sum(p.bytes for p in parts))
-        self.prune()
+        try:
+            self.prune()
+        except OSError as e:  # the checkpoint is complete; an old one left behind is only disk space
+            logger.warning("%s: could not prune old checkpoints: %s", self.uri, e)
 
     def _write(self, path: str, data: bytes) -> None:
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -20,8 +20,22 @@ class LayerStatus(_message.Message):
     spread: float
     def __init__(self, layer: _Optional[int] = ..., loss: _Optional[float] = ..., spread: _Optional[float] = ...) -> None: ...
 
+class StageStatus(_message.Message):
+    __slots__ = ("stage", "layers", "micro_batch", "microbatches_per_s", "busy")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    micro_batch: int
+    microbatches_per_s: float
+    busy: float
+    def __init__(self, stage: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., micro_batch: _Optional[int] = ..., microbatches_per_s: _Optional[float] = ..., busy: _Optional[float] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("run_dir", "engine", "steps_done", "steps_total", "microbatches_per_s", "layers", "stopping")
+    __slots__ = ("run_dir", "engine", "steps_done", "steps_total", "microbatches_per_s", "layers", "stopping", "checkpoint_failures", "last_checkpoint", "stages")
     RUN_DIR_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +43,9 @@ class StatusReply(_message.Message):
     MICROBATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     run_dir: str
     engine: str
     steps_done: int
@@ -36,7 +53,10 @@ class StatusReply(_message.Message):
     microbatches_per_s: float
     layers: _containers.RepeatedCompositeFieldContainer[LayerStatus]
     stopping: bool
-    def __init__(self, run_dir: _Optional[str] = ..., engine: _Optional[str] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., microbatches_per_s: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerStatus, _Mapping]]] = ..., stopping: _Optional[bool] = ...) -> None: ...
+    checkpoint_failures: int
+    last_checkpoint: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
+    def __init__(self, run_dir: _Optional[str] = ..., engine: _Optional[str] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., microbatches_per_s: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerStatus, _Mapping]]] = ..., stopping: _Optional[bool] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()

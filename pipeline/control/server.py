@@ -26,6 +26,7 @@ import grpc
 
 from pipeline.control import control_pb2 as pb
 from pipeline.control.requests import RunControl
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ControlServer:
         tmp = path.with_name(f"{CONTROL_FILE}.tmp")  # created 0600, then renamed: readers never see it half written
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"address": self.address, "token": self.token}, f)
+            json.dump({"address": self.address, "token": self.token, "pid": os.getpid()}, f)
         os.replace(tmp, path)
         logger.info("control plane on %s (token in %s)", self.address, path)
         return self
@@ -108,15 +109,26 @@ class ControlServer:
 
 
 class ControlClient:
-    """Calls a run's control plane, reading its address and token from RUN_DIR/control.json."""
+    """Calls a run's control plane, reading its address and token from RUN_DIR/control.json.
+
+    A driver killed with SIGKILL leaves its control.json behind; the file names the driver's pid, so a
+    stale one is recognised (the process is gone) instead of failing on a refused connection.
+    """
 
     def __init__(self, run_dir: str | Path, timeout: float = 10.0) -> None:
         path = Path(run_dir) / CONTROL_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no control plane (is the run still training?)")
-        info = json.loads(path.read_text())
-        self._channel = grpc.insecure_channel(info["address"])
-        self._metadata = (("authorization", f"Bearer {info['token']}"),)
+            raise ConfigError(f"{run_dir}: the run is not running (no {CONTROL_FILE})")
+        try:
+            info = json.loads(path.read_text())
+            address, token, pid = str(info["address"]), str(info["token"]), int(info.get("pid", 0))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{path}: not a control file ({e})") from None
+        if pid and not _alive(pid):
+            raise ConfigError(f"{run_dir}: the run is not running: its driver (pid {pid}) is gone and left "
+                              f"{CONTROL_FILE} behind (killed?); `lamina train --resume {run_dir}` continues it")
+        self._channel = grpc.insecure_channel(address)
+        self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
 
     def _call(self, name: str, request: Any, reply_type: Any) -> Any:
@@ -157,3 +169,14 @@ def serving(run_dir: str | Path, control: RunControl, status: Callable[[], pb.St
         yield
     finally:
         server.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine: the control plane binds to loopback)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True

@@ -3,14 +3,31 @@
     base.py        the contract (Engine, EngineResult) and what every driver loop shares
     local.py       in one process: the sequential layer-local loop, and end-to-end backprop
     ray_engine.py  the asynchronous pipeline: one Ray actor per stage
-    placement.py   joining Ray, one placement-group bundle per stage, the named stage actors
+    cluster.py     joining a Ray cluster (failing fast when there is none), or starting one here
+    placement.py   one placement-group bundle per stage, the named stage actors
     recovery.py    which failures are retried, how stages come back, when a run gives up
     actors.py      the one place a stage becomes a Ray actor, and Ray's errors become lamina's
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pipeline.config import TrainConfig
 from pipeline.engines.base import Engine, EngineResult, OnStep
+
+
+def prepare(cfg: TrainConfig, log: Path | None = None) -> None:
+    """What an engine needs done before a run installs its signal handlers and starts its gRPC server: the
+    Ray engine joins or starts Ray here, because Ray sets signal handlers of its own and forks daemons
+    (a fork while gRPC threads run can abort the child: the dashboard was seen dying so). `log`: where
+    Ray's start-up output goes instead of the terminal."""
+    if cfg.engine == "ray":
+        from pipeline.engines.cluster import connect
+        from pipeline.stage import partition
+
+        connect(cfg.address, len(partition(cfg.n_layers, cfg.layers_per_stage)) * cfg.cpus_per_stage,
+                cfg.connect_timeout, log)
 
 
 def engine_for(name: str) -> Engine:
@@ -26,4 +43,4 @@ def engine_for(name: str) -> Engine:
     raise ValueError(f"no engine {name!r}")
 
 
-__all__ = ["Engine", "EngineResult", "OnStep", "engine_for"]
+__all__ = ["Engine", "EngineResult", "OnStep", "engine_for", "prepare"]

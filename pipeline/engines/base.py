@@ -2,9 +2,10 @@
 
 An engine trains micro-batches [start, cfg.steps) of a source through the network, driving a
 `pipeline.schedule.Schedule`, and calls `on_step(m, reports)` once per micro-batch, in order of m, with one
-`StepReport` per stage. With a checkpoint store it takes the schedule's barriers, and it stops early (after
-a final barrier) when its `RunControl` asks. It writes nothing else: what it learned and where it stopped
-come back as an `EngineResult`.
+`StepReport` per stage. With a checkpoint store it takes the schedule's barriers (a barrier that cannot be
+written is reported to its `BarrierHealth`, which stops the run only after several in a row), and it stops
+early (after a final barrier) when its `RunControl` asks. It writes nothing else: what it learned and
+where it stopped come back as an `EngineResult`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.checkpoints import Checkpoint, CheckpointStore
+from pipeline.checkpoints import Checkpoint, CheckpointStore, Part
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
+from pipeline.errors import CheckpointError
 from pipeline.schedule import Schedule
 from pipeline.sources import Source
 from pipeline.stage import StepReport
@@ -34,10 +36,47 @@ class EngineResult:
     recoveries: int = 0  # lost stages recovered from (the Ray engine)
 
 
+class BarrierHealth:
+    """How a run takes barriers that cannot be written (a full disk, a store that went away): each failure
+    is reported and training goes on from the last complete checkpoint's protection; more than `tolerable`
+    failures in a row stop the run (Flink's tolerable checkpoint failures). 0: the first failure stops it."""
+
+    def __init__(self, tolerable: int = 0) -> None:
+        self.tolerable = tolerable
+        self.failed = 0  # barriers that could not be written, in all
+        self.in_a_row = 0  # ... since the last one that was
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+    def fail(self, step: int, error: CheckpointError) -> None:
+        """Checkpoint `step` could not be written; raise when that is one failure too many."""
+        self.failed += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.tolerable:
+            raise CheckpointError(f"{self.in_a_row} checkpoint(s) in a row could not be written, the last "
+                                  f"({step}): {error} (--tolerable-checkpoint-failures {self.tolerable})") from error
+        logger.warning("checkpoint %d could not be written (%d in a row, %d tolerated): %s; training goes on",
+                       step, self.in_a_row, self.tolerable, error)
+
+
+def commit(store: CheckpointStore, m: int, parts: list[Part | CheckpointError], health: BarrierHealth) -> None:
+    """Mark the barrier after micro-batch m complete (checkpoint m + 1), or report to `health` why not."""
+    try:
+        failed = [p for p in parts if isinstance(p, CheckpointError)]
+        if failed:
+            raise failed[0]
+        store.commit(m + 1, [p for p in parts if isinstance(p, Part)])
+    except CheckpointError as e:
+        health.fail(m + 1, e)
+    else:
+        health.succeeded()
+
+
 class Engine(Protocol):
     def __call__(self, cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnStep, *,
                  resume: Checkpoint | None = None, store: CheckpointStore | None = None,
-                 control: RunControl | None = None) -> EngineResult: ...
+                 control: RunControl | None = None, health: BarrierHealth | None = None) -> EngineResult: ...
 
 
 def make_schedule(cfg: TrainConfig, stages: int, depth: int, start: int, stop: int,

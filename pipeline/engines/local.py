@@ -17,7 +17,16 @@ from __future__ import annotations
 from pipeline.checkpoints import Checkpoint, CheckpointStore, Part
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
-from pipeline.engines.base import EngineResult, OnStep, Reports, follow_requests, make_schedule
+from pipeline.engines.base import (
+    BarrierHealth,
+    EngineResult,
+    OnStep,
+    Reports,
+    commit,
+    follow_requests,
+    make_schedule,
+)
+from pipeline.errors import CheckpointError
 from pipeline.schedule import Commit, Snapshot, Step, Wait
 from pipeline.sources import Source
 from pipeline.stage import Stage, StepReport
@@ -26,7 +35,8 @@ from workers.learner import LearnerSpec
 
 def run_local(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnStep, *,
               resume: Checkpoint | None = None, store: CheckpointStore | None = None,
-              control: RunControl | None = None) -> EngineResult:
+              control: RunControl | None = None, health: BarrierHealth | None = None) -> EngineResult:
+    health = health or BarrierHealth(cfg.tolerable_checkpoint_failures)
     stage = Stage(spec, 0, len(spec.blocks), e2e=cfg.engine == "e2e")
     start = 0
     if resume is not None:
@@ -35,7 +45,7 @@ def run_local(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnSt
     schedule = make_schedule(cfg, 1, 0, start, cfg.steps, store)
     reports = Reports(1, on_step, start)
     done: dict[int, StepReport] = {}
-    parts: dict[int, Part] = {}
+    parts: dict[int, Part | CheckpointError] = {}
     follow_requests(control, schedule)
     for action in schedule:
         if isinstance(action, Step):
@@ -44,9 +54,12 @@ def run_local(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnSt
             reports.add(done.pop(action.m))
         elif isinstance(action, Snapshot):
             assert store is not None
-            parts[action.m] = stage.snapshot(action.m, store)
+            try:
+                parts[action.m] = stage.snapshot(action.m, store)
+            except CheckpointError as e:  # reported at the commit, like the Ray engine's
+                parts[action.m] = e
         elif isinstance(action, Commit):
             assert store is not None
-            store.commit(action.m + 1, [parts.pop(action.m)])
+            commit(store, action.m, [parts.pop(action.m)], health)
         follow_requests(control, schedule)  # before the schedule decides its next action
     return EngineResult(stage.states(), schedule.stopped_at)

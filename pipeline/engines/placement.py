@@ -1,15 +1,16 @@
-"""Placement: joining (or starting) a Ray, one placement-group bundle per stage, the named stage actors.
+"""Placement: one placement-group bundle per stage and the named stage actors in them.
 
 One bundle per stage, `{CPU: c, GPU: g}` with g = 1 where the cluster has GPUs (or --gpus-per-stage), PACK
-by default, SPREAD on request. Each stage actor is named `lamina-<run id>-stage<k>` in
-the `lamina` namespace, which is how the dashboard's Actors page and `ray list actors` show it; an actor
-that replaces a lost one is named `...-stage<k>-r<generation>`.
+by default, SPREAD on request. Once the bundles are placed, and before any actor starts, a checkpoint store
+that is a plain path is refused if the stages and the driver span more than one node ([Note: shared
+storage] in pipeline/storage.py): each node would write to its own disk. Each stage actor is named
+`lamina-<run id>-stage<k>` in the `lamina` namespace, which is how the dashboard's Actors page and
+`ray list actors` show it; an actor that replaces a lost one is named `...-stage<k>-r<generation>`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import secrets
@@ -18,13 +19,20 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
 
+from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.engines.actors import get, stage_actor_class
-from pipeline.errors import PlacementError
+from pipeline.errors import ConfigError, PlacementError, StageLost
+from pipeline.rundir import checkpoint_location
 from pipeline.stage import partition
 from workers.learner import LearnerSpec
 
@@ -33,34 +41,7 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "lamina"  # Ray namespace of the stage actors: `ray list actors` / ray.get_actor(name, NAMESPACE)
 PLACEMENT_TIMEOUT_S = 60.0  # how long to wait for the cluster to fit the stages before giving up
 PING_TIMEOUT_S = 60.0  # how long a stage may take to answer whether it is alive (its queue drains first)
-
-
-def connect(address: str | None, cpus: float = 1.0) -> None:
-    """Join the Ray this process already has, the cluster at `address` / RAY_ADDRESS, or start one here.
-
-    A local Ray gets at least `cpus` logical CPUs so that the stages' bundles fit, even when that is more
-    than the machine's cores (the stages then time-share them; logged).
-    """
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ctx = ray.init(address=address)
-        logger.info("joined the Ray cluster at %s; dashboard %s", address, _url(ctx.dashboard_url))
-        return
-    cores = os.cpu_count() or 1
-    num_cpus = max(cores, math.ceil(cpus))
-    if num_cpus > cores:
-        logger.warning("the stages reserve %g CPUs on a %d-core machine: they will time-share cores", cpus, cores)
-    # address="local": a Ray of this run's own, even when another one runs on this machine.
-    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
-    logger.info("started a local Ray (%d CPUs); dashboard %s", num_cpus, _url(ctx.dashboard_url))
-
-
-def _url(dashboard: str | None) -> str:
-    if not dashboard:
-        return "off"
-    return dashboard if dashboard.startswith("http") else f"http://{dashboard}"
+STARTS = 4  # attempts to bring every stage actor up when some die while starting
 
 
 def make_run_id(run_dir: str) -> str:
@@ -68,6 +49,21 @@ def make_run_id(run_dir: str) -> str:
     one cluster never collide on actor names."""
     base = os.path.basename(os.path.normpath(run_dir)) if run_dir else time.strftime("%Y%m%d-%H%M%S")
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '-', base)}-{secrets.token_hex(2)}"
+
+
+def refuse_node_local_store(store: str, flag: str, nodes: dict[str, list[str]]) -> None:
+    """ConfigError if checkpoint store `store` (set by `flag`) is a plain path and `nodes` (each node, named,
+    with who runs there: the driver, stage k) are more than one: every node would write its checkpoint parts
+    to its own disk, and the driver's commit of the first barrier would not find them."""
+    if len(nodes) <= 1 or storage.is_shared(store):
+        return
+    where = "; ".join(f"{node}: {', '.join(who)}" for node, who in nodes.items())
+    via = f"{flag} {store}" if flag == "--checkpoint-uri" else f"the checkpoint store {store} (under --run-dir)"
+    raise ConfigError(
+        f"{via} is a path on one node's disk, but this run spans {len(nodes)} nodes ({where}); each would "
+        f"write checkpoints to its own disk and the first barrier would fail. Give a location every node "
+        f"reaches: --checkpoint-uri (or --run-dir) s3://BUCKET/PATH, gs://..., hdfs://..., or file:///PATH for "
+        f"a shared mount at PATH on every node (NFS, EFS, a shared volume)")
 
 
 class StageActors:
@@ -117,11 +113,34 @@ class StageActors:
                 f"could not place {n} stage bundles {bundle} ({strategy}) within {PLACEMENT_TIMEOUT_S:g}s: "
                 f"the cluster has {ray.cluster_resources()}, of which {ray.available_resources()} free. "
                 f"Lower --cpus-per-stage, raise --layers-per-stage, or add nodes.")
+        self._check_store()
         self.handles = [self._spawn(k) for k in range(n)]
-        self.info = [get(a.info.remote(), k, None, self.names[k]) for k, a in enumerate(self.handles)]
+        self.info = [{} for _ in range(n)]
+        for attempt in range(STARTS):
+            try:  # an actor that dies while starting (killed, its node lost) is replaced
+                if attempt:
+                    self.replace_dead()
+                self.info = [get(a.info.remote(), k, None, self.names[k]) for k, a in enumerate(self.handles)]
+                break
+            except StageLost as e:
+                if attempt + 1 == STARTS:
+                    raise
+                logger.warning("%s while starting; replacing it", e)
         for i in self.info:
             logger.info("%s: layers %s on node %s (%s, %d thread(s))", i["name"], [k + 1 for k in i["layers"]],
                         i["node_id"][:8], i["device"], i["threads"])
+
+    def _check_store(self) -> None:
+        """Refuse a node-local checkpoint store when the placed bundles and the driver span several nodes."""
+        assert self.pg is not None
+        bundles = placement_group_table(self.pg)["bundles_to_node_id"]
+        roles: dict[str, list[str]] = {ray.get_runtime_context().get_node_id(): ["the driver"]}
+        for k in range(len(self.ranges)):
+            roles.setdefault(bundles[k], []).append(f"stage {k}")
+        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        flag = "--checkpoint-uri" if self.cfg.checkpoint_uri else "--run-dir"
+        refuse_node_local_store(checkpoint_location(self.cfg), flag,
+                                {f"{ips.get(node, '?')} ({node[:8]})": who for node, who in roles.items()})
 
     def _spawn(self, k: int) -> Any:
         """Start stage k's actor in its bundle."""

@@ -23,13 +23,22 @@ from typing import Any
 
 import ray
 
-from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
+from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger, Part
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
 from pipeline.engines.actors import get
-from pipeline.engines.base import EngineResult, OnStep, Reports, follow_requests, make_schedule
-from pipeline.engines.placement import StageActors, connect
-from pipeline.engines.recovery import Recovery
+from pipeline.engines.base import (
+    BarrierHealth,
+    EngineResult,
+    OnStep,
+    Reports,
+    commit,
+    follow_requests,
+    make_schedule,
+)
+from pipeline.engines.cluster import connect
+from pipeline.engines.placement import StageActors
+from pipeline.engines.recovery import MAX_RECOVERIES, Recovery
 from pipeline.errors import CheckpointError, StageLost
 from pipeline.schedule import Commit, Schedule, Snapshot, Step, Wait
 from pipeline.sources import Source
@@ -45,11 +54,12 @@ POLL_S = 0.5  # while waiting for a stage, the driver looks at stop / checkpoint
 
 def run_ray(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnStep, *,
             resume: Checkpoint | None = None, store: CheckpointStore | None = None,
-            control: RunControl | None = None) -> EngineResult:
+            control: RunControl | None = None, health: BarrierHealth | None = None) -> EngineResult:
     """Train micro-batches [resume step or 0, cfg.steps) through one Ray actor per stage."""
-    connect(cfg.address, len(partition(len(spec.blocks), cfg.layers_per_stage)) * cfg.cpus_per_stage)
+    connect(cfg.address, len(partition(len(spec.blocks), cfg.layers_per_stage)) * cfg.cpus_per_stage,
+            cfg.connect_timeout)
     with StageActors(cfg, spec) as actors:
-        pipe = RayPipeline(actors, store, control)
+        pipe = RayPipeline(actors, store, control, health)
         start = 0
         if resume is not None:
             pipe.load(resume)
@@ -62,9 +72,10 @@ class RayPipeline:
     """The driver loop over placed stage actors: micro-batches in, reports out, barriers, recovery."""
 
     def __init__(self, actors: StageActors, store: CheckpointStore | None = None,
-                 control: RunControl | None = None) -> None:
+                 control: RunControl | None = None, health: BarrierHealth | None = None) -> None:
         self.actors, self.store, self.control = actors, store, control
         self.cfg = actors.cfg
+        self.health = health or BarrierHealth(self.cfg.tolerable_checkpoint_failures)
         self.recovery = Recovery(actors, store) if store is not None else None
         self.gauges = DriverGauges(actors.run_id)
 
@@ -74,10 +85,19 @@ class RayPipeline:
         if len(states) != sum(last - first for first, last in self.actors.ranges):
             raise CheckpointError(f"checkpoint {checkpoint.step} holds {len(states)} learner states; this network "
                                   f"has {self.actors.ranges[-1][1]} layers")
-        refs = [a.load.remote(states[first:last], ledgers[first].ranges if ledgers else None)
-                for a, (first, last) in zip(self.actors.handles, self.actors.ranges, strict=True)]
-        for k, ref in enumerate(refs):
-            get(ref, k, None, self.actors.names[k])
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:  # a stage that dies meanwhile is replaced, and every stage loads again
+                if attempt:
+                    self.actors.replace_dead()
+                refs = [a.load.remote(states[first:last], ledgers[first].ranges if ledgers else None)
+                        for a, (first, last) in zip(self.actors.handles, self.actors.ranges, strict=True)]
+                for k, ref in enumerate(refs):
+                    get(ref, k, None, self.actors.names[k])
+                return
+            except StageLost as e:
+                if attempt == MAX_RECOVERIES:
+                    raise
+                logger.warning("%s while loading the checkpoint; replacing it", e)
 
     def train(self, source: Source, start: int, stop: int, on_step: OnStep) -> int | None:
         """Drive micro-batches [start, stop) through the stages; returns where a stop request ended the run
@@ -124,7 +144,9 @@ class RayPipeline:
                     assert self.store is not None
                     refs = parts.pop(action.m)
                     self._wait(list(refs.values()), schedule)
-                    self.store.commit(action.m + 1, [get(refs[k], k, action.m, names[k]) for k in sorted(refs)])
+                    commit(self.store, action.m, [self._part(refs[k], k, action.m) for k in sorted(refs)],
+                           self.health)
+                    self.gauges.run_counts(self.recovery.count if self.recovery else 0, self.health.failed)
                 follow_requests(self.control, schedule)  # before the schedule decides its next action
         except KeyboardInterrupt:
             if self.control is not None and self.control.stop_requested:
@@ -132,6 +154,14 @@ class RayPipeline:
             else:
                 self._drain([ref for refs in parts.values() for ref in refs.values()])
             raise
+
+    def _part(self, ref: Any, k: int, m: int) -> Part | CheckpointError:
+        """Stage k's part of the barrier after m, or why the store refused it (a lost stage still raises)."""
+        try:
+            part: Part = get(ref, k, m, self.actors.names[k])
+            return part
+        except CheckpointError as e:
+            return e
 
     def _wait(self, refs: list[Any], schedule: Schedule) -> None:
         """Until every ref is ready; meanwhile follow stop and checkpoint requests (they shape what follows)."""

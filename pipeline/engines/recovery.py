@@ -62,9 +62,9 @@ class Recovery:
         that dies during the restore is replaced too (bounded by the same number of attempts)."""
         self.count += 1
         for attempt in range(self.max_in_a_row + 1):
-            self.actors.replace_dead()
-            refs = [a.restore.remote(self.store, step) for a in self.actors.handles]
-            try:
+            try:  # a stage may die again meanwhile, a replacement too: then it is replaced in the next attempt
+                self.actors.replace_dead()
+                refs = [a.restore.remote(self.store, step) for a in self.actors.handles]
                 for k, ref in enumerate(refs):
                     get(ref, k, None, self.actors.names[k])
                 return

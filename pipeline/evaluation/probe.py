@@ -29,6 +29,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.rundir import RunDir
 from pipeline.sources import Videos, load_videos
+from pipeline.telemetry.progress import Progress
 from workers.layers import pool_features
 from workers.learner import Learner
 
@@ -152,11 +153,12 @@ def knn_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) 
 
 
 def probe(run_dir: str | Path, data: str | None = None, views: tuple[int, ...] | None = None,
-          fraction: float | None = None) -> dict:
-    """Probe every layer of a run's newest checkpoint and of its random-init twin; writes RUN_DIR/probe.json."""
+          fraction: float | None = None, progress: bool = False) -> dict:
+    """Probe every layer of a run's newest checkpoint and of its random-init twin; writes RUN_DIR/probe.json.
+    `progress`: a progress line on stderr (the CLI's), one unit per network's features and per fitted probe."""
     cfg, in_shape, checkpoint = load_run(run_dir)
     logger.info("probing %s at micro-batch %d: loading the probe data", run_dir, checkpoint.step)
-    videos = load_videos(data or cfg.data, cfg.size, "probe")
+    videos = load_videos(data or cfg.data, cfg.size, "probe", cfg.memory_budget)
     if videos.frame_shape != in_shape:
         raise ConfigError(f"--data {videos.name}: frames {videos.frame_shape} do not match the run's {in_shape}")
     split = make_split(videos, views, fraction, cfg.seed)
@@ -164,16 +166,31 @@ def probe(run_dir: str | Path, data: str | None = None, views: tuple[int, ...] |
     labels = videos.labels.flatten()
     tr, te = split.train.flatten(), split.test.flatten()
     results: dict[str, list[float]] = {}
-    for name, trained in (("", True), ("_random", False)):
-        feats = layer_features(build_learners(cfg, in_shape, checkpoint.learners, trained), frames)
-        results["linear" + name] = [linear_probe(f[tr], labels[tr], f[te], labels[te]) for f in feats]
-        results["knn" + name] = [knn_probe(f[tr], labels[tr], f[te], labels[te]) for f in feats]
+    bar = Progress(2 * (1 + cfg.n_layers), f"probe {frames.shape[0]} frames", unit="step").__enter__() if progress else None
+    done = 0
+    try:
+        for name, trained in (("", True), ("_random", False)):
+            what = "learned" if trained else "random init"
+            feats = layer_features(build_learners(cfg, in_shape, checkpoint.learners, trained), frames)
+            done += 1
+            if bar is not None:
+                bar.update(done, f"{what}: features")
+            results["linear" + name], results["knn" + name] = [], []
+            for k, f in enumerate(feats):
+                results["linear" + name].append(linear_probe(f[tr], labels[tr], f[te], labels[te]))
+                results["knn" + name].append(knn_probe(f[tr], labels[tr], f[te], labels[te]))
+                done += 1
+                if bar is not None:
+                    bar.update(done, f"{what}: layer {k + 1} fitted")
+    finally:
+        if bar is not None:
+            bar.close()
     layers = [{"layer": k + 1, **{key: vals[k] for key, vals in results.items()}}
               for k in range(len(results["linear"]))]
     report = {"data": videos.name, "split": split.name, "train_frames": int(tr.sum()),
               "test_frames": int(te.sum()), "objective": cfg.objective, "engine": cfg.engine,
               "steps": checkpoint.step, "layers": layers}
-    (Path(run_dir) / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
+    RunDir(run_dir).write("probe.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

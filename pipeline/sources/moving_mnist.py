@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError
+from pipeline.sources.budget import check, frames_bytes
 from pipeline.sources.options import OptionSpec, parse_options
 from pipeline.sources.videos import Videos, from_array, open_npz
 
@@ -37,7 +38,7 @@ _SPLIT_ARRAYS = {"train": ("x_train", "y_train", 0), "probe": ("x_test", "y_test
 _CHUNK = 250
 
 
-def moving_mnist_videos(spec: str, size: int, split: str) -> Videos:
+def moving_mnist_videos(spec: str, size: int, split: str, budget: float | None = None) -> Videos:
     """Generate the split's sequences from the archive at the spec's path; deterministic in (spec, size, split)."""
     if split not in _SPLIT_ARRAYS:
         raise ValueError(f"split must be 'train' or 'probe' (got {split!r})")
@@ -47,6 +48,9 @@ def moving_mnist_videos(spec: str, size: int, split: str) -> Videos:
     n = int(opts.get("sequences", 2000)) if split == "train" else int(opts.get("probe", 500))
     length = int(opts.get("frames", 20))
     seed = int(opts.get("seed", 0))
+    canvases = _CHUNK * length * CANVAS * CANVAS * 5  # a chunk's uint8 canvases and their float32 copy
+    check(f"moving-mnist:{spec}", frames_bytes(n, length, 1, size) + canvases, budget,
+          f"{n} sequences x {length} frames at --size {size}")
     x_key, y_key, stream = _SPLIT_ARRAYS[split]
     digits, digit_labels = _load_digits(path, x_key, y_key)
 

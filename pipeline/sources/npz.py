@@ -7,15 +7,16 @@ import zipfile
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.sources.budget import check, npy_header, npz_frames_bytes
 from pipeline.sources.videos import Videos, from_array, open_npz
 
 
-def npz_videos(path: str, size: int) -> Videos:
+def npz_videos(path: str, size: int, budget: float | None = None) -> Videos:
     """Read a sequence archive or a turntable archive; every problem raises DataError naming the file.
 
     sequence archive:  frames (N_seq, T, H, W[, C]) uint8, labels (N_seq,) or (N_seq, T)
     turntable archive: images (O, V, H, W[, C]) uint8, labels (O, V); view V-1 neighbours view 0
-    Frames may also be float in [0, 1].
+    Frames may also be float in [0, 1]. `budget`: GiB the loading may take ([Note] in budget.py).
     """
     archive = open_npz(path, "npz")
     with archive:
@@ -27,6 +28,10 @@ def npz_videos(path: str, size: int) -> Videos:
         else:
             raise DataError(f"{path}: expected an array named 'frames' (sequences) or 'images' (turntable), "
                             f"found {sorted(keys)}")
+        header = npy_header(path, key)
+        if header is not None:
+            shape, dtype = header
+            check(path, npz_frames_bytes(shape, dtype, size), budget, f"'{key}' {shape} {dtype} at --size {size}")
         if "labels" not in keys:
             raise DataError(f"{path}: missing the array 'labels' (found {sorted(keys)})")
         try:

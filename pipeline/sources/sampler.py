@@ -17,12 +17,13 @@ from pipeline.sources.videos import Videos
 
 
 class ClipSampler:
-    """A `Source` over videos in memory: cuts micro-batches of `clips` clips of `clip_len` frames from `videos`, `stride` frames apart.
+    """A `Source` over videos in memory: cuts micro-batches of `clips` clips of `clip_len` frames from
+    `videos`, `stride` frames apart.
 
     The stride is the temporal distance between a clip's neighbouring frames (1: consecutive frames):
     larger strides give positives that differ more (a digit moved farther, an object turned farther).
 
-    The clips of one micro-batch come from distinct sequences whenever there are enough: negatives
+    The clips of one micro-batch come from distinct sequences (so there must be at least `clips`): negatives
     drawn from the same sequence as the anchor poison contrastive objectives.
     """
 
@@ -34,6 +35,11 @@ class ClipSampler:
             raise ConfigError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
         if stride < 1:
             raise ConfigError(f"--stride must be >= 1 (got {stride})")
+        sequences = videos.frames.shape[0]
+        if clips > sequences:
+            raise ConfigError(f"--clips {clips} is more than the {sequences} sequences of {videos.name}: the clips "
+                              f"of a micro-batch come from distinct sequences (negatives from the clip's own "
+                              f"sequence poison contrastive objectives)")
         span = (clip_len - 1) * stride + 1
         if span > length:
             raise ConfigError(f"--clip-len {clip_len} at --stride {stride} spans {span} frames, more than the "
@@ -47,7 +53,7 @@ class ClipSampler:
             raise ValueError(f"micro-batch index must be >= 0 (got {m})")
         rng = np.random.default_rng([self.seed, m])
         n, length = self.videos.frames.shape[:2]
-        seqs = rng.choice(n, size=self.clips, replace=n < self.clips)
+        seqs = rng.choice(n, size=self.clips, replace=False)
         last_start = length if self.videos.wrap else length - self.span + 1
         starts = rng.integers(0, last_start, size=self.clips)
         idx = (starts[:, None] + self.stride * np.arange(self.clip_len)[None, :]) % length

@@ -33,6 +33,8 @@ def open_npz(path: str, kind: str) -> np.lib.npyio.NpzFile:
     """np.load an .npz archive for the `kind:PATH` data spec; every problem raises DataError naming the file."""
     if not path:
         raise DataError(f"{kind}: no path given (use {kind}:PATH)")
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory, not an .npz archive")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:

@@ -39,6 +39,10 @@ STAGE_GAUGES = {
 DRIVER_GAUGES = {
     "queue_depth": "micro-batches handed to the stage and not yet finished by it",
 }
+RUN_GAUGES = {
+    "recoveries": "lost stage actors the run recovered from (replaced and restored from a checkpoint)",
+    "checkpoint_failures": "barrier checkpoints that could not be written",
+}
 
 
 class StageGauges:
@@ -61,14 +65,22 @@ class StageGauges:
 
 
 class DriverGauges:
-    """The driver's gauges: the depth of each stage's input channel."""
+    """The driver's gauges: the depth of each stage's input channel, and the run's recoveries and failed
+    checkpoints (tagged `run` only)."""
 
     def __init__(self, run_id: str) -> None:
         self._depth = _gauge("queue_depth", DRIVER_GAUGES["queue_depth"], ("run", "stage"), {"run": run_id})
+        self._run = {name: _gauge(name, text, ("run",), {"run": run_id}) for name, text in RUN_GAUGES.items()}
+        for gauge in self._run.values():
+            gauge.set(0)
 
     def queue_depths(self, depths: Iterable[int]) -> None:
         for stage, depth in enumerate(depths):
             self._depth.set(depth, tags={"stage": str(stage)})
+
+    def run_counts(self, recoveries: int, checkpoint_failures: int) -> None:
+        self._run["recoveries"].set(recoveries)
+        self._run["checkpoint_failures"].set(checkpoint_failures)
 
 
 def _gauge(name: str, description: str, tag_keys: tuple[str, ...], default_tags: dict[str, str]) -> Gauge:
