@@ -92,7 +92,47 @@ def parser() -> argparse.ArgumentParser:
                     help="shards prepared at once, one Ray task each (default: the Ray cluster's CPUs)")
     pp.add_argument("--address", default=None, metavar="HOST:PORT",
                     help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray for this command)")
+    _add_ingest(sub)
     return p
+
+
+def _add_ingest(sub: Any) -> None:
+    """`lamina serve` (train on a live gRPC ingest) and `lamina push` (its client); pipeline/ingest/."""
+    sv = sub.add_parser("serve", help="train the pipeline on live streams pushed over gRPC (proto/lamina/v1/)")
+    add_flags(sv)
+    sv.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="where the ingest listens (default: loopback, any free port; see RUN_DIR/ingest.json)")
+    sv.add_argument("--token-file", default=None, metavar="FILE",
+                    help="the bearer token every call must carry (default: $LAMINA_INGEST_TOKEN, else a fresh "
+                         "one written to RUN_DIR/ingest.json)")
+    sv.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TLS with this certificate chain")
+    sv.add_argument("--tls-key", default=None, metavar="PEM", help="... and this private key")
+    sv.add_argument("--when-full", choices=("block", "drop-oldest"), default="block",
+                    help="a full buffer slows producers (block: gRPC flow control) or drops its oldest clip, "
+                         "counted (default: block)")
+    sv.add_argument("--buffer-clips", type=int, default=64, metavar="N", help="clips the buffer holds (default: 64)")
+    sv.add_argument("--memory-clips", type=int, default=256, metavar="N",
+                    help="past clips kept as negatives (default: 256)")
+    sv.add_argument("--negative-gap", type=int, default=0, metavar="FRAMES",
+                    help="frames between clips of one stream in a micro-batch (default: 4 x --clip-len)")
+    sv.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3: RGB, 1: grey (default: 3)")
+    sv.add_argument("--max-message-mb", type=float, default=4.0, metavar="MB",
+                    help="largest Push message (default: 4)")
+
+    pu = sub.add_parser("push", help="push a data spec's videos to a `lamina serve` run as live streams")
+    pu.add_argument("source", metavar="SPEC", help="any --data spec: npz:PATH, parquet:DIR, video:PATH, ...")
+    pu.add_argument("--to", required=True, metavar="HOST:PORT", help="the ingest's address")
+    pu.add_argument("--token-file", default=None, metavar="FILE",
+                    help="the bearer token (default: $LAMINA_INGEST_TOKEN)")
+    pu.add_argument("--tls-ca", default=None, metavar="PEM", help="speak TLS, trusting this CA certificate")
+    pu.add_argument("--size", type=int, default=32, help="frames are pushed at SIZE x SIZE (default: 32)")
+    pu.add_argument("--one-stream", action="store_true",
+                    help="one stream playing the sequences one after another (default: a stream per sequence)")
+    pu.add_argument("--fps", type=float, default=0.0,
+                    help="pace each stream at this rate, like a camera (default 0: as fast as the server takes)")
+    pu.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw", help="(default: raw)")
+    pu.add_argument("--prefix", default="", help="stream ids are PREFIX + the sequence number")
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +237,57 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.run_dir}: no metrics to plot")
         print(f"wrote {run.plot_losses()}")
         return 0
+    if args.command in ("serve", "push"):
+        return _ingest(args)
     raise AssertionError(f"unknown command {args.command}")
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    """`lamina serve` and `lamina push` (pipeline/ingest/)."""
+    import grpc
+
+    if args.command == "serve":
+        from pipeline.ingest.serve import ServeOptions, serve
+
+        opts = ServeOptions(args.listen, args.token_file, args.tls_cert, args.tls_key, args.when_full,
+                            args.buffer_clips, args.memory_clips, args.negative_gap, args.channels,
+                            args.max_message_mb)
+        outcome = serve(config_from_args(args), opts)
+        print(f"run directory: {getattr(outcome, 'path', outcome)}")
+        return 0
+    from pipeline.ingest.push import push, streams_of, summary
+    from pipeline.ingest.serve import read_token
+
+    token = read_token(args.token_file)
+    if token is None:
+        raise ConfigError("no token: give --token-file FILE or set LAMINA_INGEST_TOKEN")
+    ca = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            ca = f.read()
+    streams = streams_of(args.source, args.size, args.one_stream, args.prefix)
+    try:
+        replies = push(args.to, token, streams, encoding=args.encoding, fps=args.fps or None, tls_ca=ca)
+    except grpc.RpcError as e:
+        print(f"lamina push: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(summary(replies))
+    return 0
+
+
+def _probe_finished(run_dir: str) -> None:
+    """The end of `lamina train`: what the run learned, per layer, next to the same network at random init."""
+    from pipeline.errors import DataError
+    from pipeline.evaluation.probe import format_table, probe
+
+    try:
+        report = probe(run_dir, None, None, PROBE_FRACTION, progress=True)
+    except (ConfigError, DataError) as e:  # data a probe cannot use (no labels, too few sequences): say so
+        print(f"no probe of this run: {e}")
+        return
+    print(format_table(report))
+    print(f"(lamina probe --run-dir {run_dir} computes the same table again)")
+
 
 
 def _control(run_dir: str, action: str, as_json: bool = False) -> int:

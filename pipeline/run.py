@@ -38,7 +38,7 @@ from pipeline.engines.base import BarrierHealth
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.flags import option
 from pipeline.rundir import RunDir, default_run_dir
-from pipeline.sources import open_source
+from pipeline.sources import Source, open_source
 from pipeline.stage import StepReport
 from pipeline.telemetry.collapse import CollapseAlarm
 from pipeline.telemetry.metrics_log import MetricsLog
@@ -56,8 +56,9 @@ class Outcome:
 
 
 def train(cfg: TrainConfig, progress: bool = True, handle_signals: bool = False,
-          control: RunControl | None = None) -> Outcome:
-    """Train as `cfg` says, in a new run directory (an existing run is continued with `resume`)."""
+          control: RunControl | None = None, source: Source | None = None) -> Outcome:
+    """Train as `cfg` says, in a new run directory (an existing run is continued with `resume`). `source`:
+    micro-batches from elsewhere than `cfg.data` (`lamina serve`'s live ingest, pipeline/ingest/)."""
     # Paths as the run will find them again: a resume from another working directory must too.
     uri = cfg.checkpoint_uri
     cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or default_run_dir(), data=_anchored(cfg.data),
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig, progress: bool = True, handle_signals: bool = False,
     if store.steps():  # another run's checkpoints: a recovery would restore them, pruning would delete them
         raise ConfigError(f"--checkpoint-uri {store.uri} already holds checkpoints (of another run?): give this "
                           f"run a store of its own")
-    return _run(cfg, None, progress, handle_signals, control)
+    return _run(cfg, None, progress, handle_signals, control, source)
 
 
 def resume(run_dir: str, progress: bool = True, handle_signals: bool = False,
@@ -107,8 +108,9 @@ def resume(run_dir: str, progress: bool = True, handle_signals: bool = False,
 
 
 def _run(cfg: TrainConfig, checkpoint: Checkpoint | None, progress: bool, handle_signals: bool,
-         control: RunControl | None) -> Outcome:
-    source = open_source(cfg.data, cfg.size, cfg.clips, cfg.clip_len, cfg.seed, cfg.stride, cfg.memory_budget)
+         control: RunControl | None, source: Source | None = None) -> Outcome:
+    if source is None:
+        source = open_source(cfg.data, cfg.size, cfg.clips, cfg.clip_len, cfg.seed, cfg.stride, cfg.memory_budget)
     spec = cfg.learner_spec(source.frame_shape)
     start = checkpoint.step if checkpoint is not None else 0
     if start < cfg.steps:  # before our signal handlers and gRPC server (Ray installs and forks its own)
