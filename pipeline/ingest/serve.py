@@ -119,6 +119,7 @@ class Ingest:
     def stop(self) -> None:
         self._gauges.set()
         self.server.stop()
+        self.source.truncate()  # what the run's final checkpoint covers
 
 
 def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True) -> object:

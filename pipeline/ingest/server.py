@@ -123,7 +123,8 @@ class IngestServer:
         except Exception:  # the request iterator raises when the client goes away
             if context.is_active():
                 raise
-            logger.warning("ingest: a client disconnected mid-call (streams %s; %d frames taken)",
+            logger.warning("ingest: a call ended before its client closed it (disconnected, or a message over "
+                           "the size limit; streams %s, %d frames taken: kept)",
                            sorted(owned), reply.accepted)
         finally:
             with self._lock:

@@ -1,0 +1,464 @@
+"""The live ingest (pipeline/ingest/): a real gRPC server on loopback, a client generated from
+proto/lamina/v1/ingest.proto alone (compiled here, in a temporary directory), real Ray stages.
+
+Concurrent streams train the pipeline; every bad input of a Push gets its reason and the other streams
+go on; tokens and TLS; a stage killed mid-stream with every pushed clip trained exactly once and the
+weights equal to a sequential replay of the same micro-batches; a fast producer into a slow pipeline with
+flat memory (a short run here, a minute under -m slow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+from support import Recorder, state_differences, tiny_config
+
+from pipeline.config import TrainConfig
+from pipeline.control import RunControl
+from pipeline.engines.local import run_local
+from pipeline.engines.placement import StageActors
+from pipeline.engines.ray_engine import RayPipeline, run_ray
+from pipeline.ingest.serve import Ingest, ServeOptions
+from pipeline.sources.source import MicroBatch
+
+pytestmark = pytest.mark.timeout(240)
+
+PROTO = Path(__file__).resolve().parents[1] / "proto"
+TOKEN = "test-token-not-secret"
+SIZE = 8  # the run's frames; pushed frames are 10x10 and resized by the server
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
+    """(messages, stubs) compiled from the .proto alone, as any client would: not the project's code."""
+    out = tmp_path_factory.mktemp("client")
+    from grpc_tools import protoc
+
+    assert protoc.main(["protoc", f"-I{PROTO}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        str(PROTO / "lamina" / "v1" / "ingest.proto")]) == 0
+    sys.path.insert(0, str(out))
+    try:
+        return importlib.import_module("lamina.v1.ingest_pb2"), importlib.import_module("lamina.v1.ingest_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+
+
+def config(tmp_path: Path, **overrides: Any) -> TrainConfig:
+    fields: dict[str, Any] = {"layers": "conv:4,conv:4", "size": SIZE, "clips": 4, "clip_len": 3, "steps": 12,
+                              "checkpoint_every": 3, "run_dir": str(tmp_path / "run")}
+    fields.update(overrides)
+    return tiny_config("live:test", **fields)
+
+
+def start_ingest(cfg: TrainConfig, control: RunControl | None = None, **options: Any) -> Ingest:
+    opts = ServeOptions(**{"linger": 0.2, **options})
+    return Ingest(cfg, opts, TOKEN, control or RunControl(), record_assignments=True).start(Path(cfg.run_dir).name)
+
+
+def stub(client: tuple[ModuleType, ModuleType], address: str, credentials: Any = None) -> Any:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    return client[1].IngestStub(channel)
+
+
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def raw(pb: ModuleType, stream: str, index: int, pixels: np.ndarray, **fields: Any) -> Any:
+    return pb.Frame(stream=stream, index=index, capture_time=time.time(), encoding=pb.RAW, data=pixels.tobytes(),
+                    shape=list(pixels.shape), dtype=str(pixels.dtype), **fields)
+
+
+def video(n: int, seed: int, size: int = 10) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def stream_frames(pb: ModuleType, stream: str, n: int, seed: int, first: int = 0) -> Iterator[Any]:
+    pixels = video(n, seed)
+    for i in range(n):
+        yield raw(pb, stream, first + i, pixels[i], label=seed)
+
+
+class Recording:
+    """Wraps a source: keeps the first answer for every micro-batch and counts answers that differ later."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.name, self.frame_shape = source, source.name, source.frame_shape
+        self.first: dict[int, MicroBatch] = {}
+        self.asked: list[int] = []
+        self.differing: list[int] = []
+
+    def batch(self, m: int) -> MicroBatch:
+        b = self.source.batch(m)
+        self.asked.append(m)
+        if m not in self.first:
+            self.first[m] = b
+        elif not (torch.equal(b.frames, self.first[m].frames) and b.starts == self.first[m].starts
+                  and torch.equal(b.labels, self.first[m].labels)):
+            self.differing.append(m)
+        return b
+
+
+def replayed_sequentially(cfg: TrainConfig, batches: dict[int, MicroBatch]) -> list[dict]:
+    """The sequential loop over the very micro-batches the pipeline was handed, on the stages' thread count."""
+
+    class Replay:
+        name, frame_shape = "replay", (3, SIZE, SIZE)
+
+        def batch(self, m: int) -> MicroBatch:
+            return batches[m]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_stage)))
+    try:
+        return run_local(dataclasses.replace(cfg, engine="sequential"), cfg.learner_spec((3, SIZE, SIZE)), Replay(),
+                         lambda m, r: None).states
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_each_clip_once(assignments: dict[int, tuple[tuple[str, int], ...]], clip_len: int) -> dict[str, int]:
+    """Every stream's fresh clips start at 0, T-1, 2(T-1), ... each in exactly one micro-batch, in order: no
+    clip lost or duplicated, so every consecutive pair of frames up to the last clip was trained on once.
+    Returns clips per stream."""
+    starts: dict[str, list[int]] = {}
+    for m in sorted(assignments):
+        for stream, start in assignments[m]:
+            starts.setdefault(stream, []).append(start)
+    for stream, got in starts.items():
+        assert got == [k * (clip_len - 1) for k in range(len(got))], (stream, got)
+    return {s: len(v) for s, v in starts.items()}
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+
+def test_concurrent_streams_train_the_pipeline_and_watch_reports(ray_local: str, client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    cfg = config(tmp_path, steps=10**6)
+    control = RunControl()
+    ingest = start_ingest(cfg, control)
+    streams, frames = 5, 21  # 10 clips of 3 frames per stream
+    try:
+        s = stub(client, ingest.server.address)
+        watched: list[Any] = []
+        watch = s.Watch(pb.WatchRequest(interval_s=0.2), metadata=AUTH)
+        def follow() -> None:
+            try:
+                watched.extend(watch)
+            except grpc.RpcError:
+                pass  # cancelled below
+
+        threading.Thread(target=follow, daemon=True).start()
+        replies: list[Any] = []
+        pushers = [threading.Thread(target=lambda i=i: replies.append(
+            s.Push(stream_frames(pb, f"cam{i}", frames, seed=i), metadata=AUTH))) for i in range(streams)]
+        for t in pushers:
+            t.start()
+
+        def stop_when_all_trained(m: int) -> None:
+            if not any(t.is_alive() for t in pushers) and len(ingest.buffer) == 0:
+                control.request_stop()
+
+        recorder = Recorder(stop_when_all_trained)
+        spec = cfg.learner_spec((3, SIZE, SIZE))
+        result = run_ray(cfg, spec, ingest.source, recorder, store=ingest.source.store, control=control)
+        watch.cancel()
+    finally:
+        ingest.stop()
+    assert result.stopped_at is not None and recorder.steps == list(range(result.stopped_at))
+    assert all(r.accepted == frames and r.rejected == 0 for r in replies), replies
+    assert ingest.source.assignments is not None
+    per_stream = assert_each_clip_once(ingest.source.assignments, cfg.clip_len)
+    assert per_stream == {f"cam{i}": (frames - 1) // (cfg.clip_len - 1) for i in range(streams)}
+    final = ingest.source.store.load_latest()
+    assert final is not None and all(lg.exactly_once(result.stopped_at) for lg in final.ledgers)
+    assert watched and max(w.frames_in for w in watched) == streams * frames
+    assert max(w.micro_batches for w in watched) >= 1 and max(w.streams for w in watched) == streams
+    # every micro-batch's clips come from distinct streams while several streams are fresh
+    for b in ingest.source.wal.sizes:
+        record = ingest.source.wal.read(b)
+        assert len(set(record["streams"][:record["fresh"]])) == record["fresh"]
+
+
+def test_a_stage_killed_mid_stream_loses_and_duplicates_nothing(ray_local: str, client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    cfg = config(tmp_path, steps=16, checkpoint_every=3)
+    ingest = start_ingest(cfg, buffer_clips=8)
+    stop_pushing = threading.Event()
+
+    def endless(i: int) -> Iterator[Any]:
+        pixels = video(4, seed=i)
+        n = 0
+        while not stop_pushing.is_set():
+            yield raw(pb, f"cam{i}", n, pixels[n % 4], label=i)
+            n += 1
+
+    s = stub(client, ingest.server.address)
+    calls = [s.Push.future(endless(i), metadata=AUTH) for i in range(4)]
+    source = Recording(ingest.source)
+    spec = cfg.learner_spec((3, SIZE, SIZE))
+    kills: list[int] = []
+    try:
+        with StageActors(cfg, spec) as actors:
+            pipe = RayPipeline(actors, ingest.source.store)
+
+            def kill(m: int) -> None:
+                if m in (5, 10):
+                    kills.append(m)
+                    ray.kill(actors.handles[m % 2])
+
+            pipe.train(source, 0, cfg.steps, Recorder(kill))
+            states, ledgers = pipe.states(), pipe.ledgers()
+            recoveries = pipe.recovery.count if pipe.recovery else 0
+    finally:
+        stop_pushing.set()
+        for c in calls:  # a producer held back by flow control is not asking for frames: end its call
+            c.cancel()
+        ingest.stop()
+    assert kills == [5, 10] and recoveries >= 1
+    replayed = [m for m in set(source.asked) if source.asked.count(m) > 1]
+    assert replayed and source.differing == [], (source.asked, source.differing)  # replays came from the log
+    assert ingest.source.replays == len(source.asked) - len(source.first)
+    assert all(lg.exactly_once(cfg.steps) for lg in ledgers), ledgers
+    assert ingest.source.assignments is not None and sorted(ingest.source.assignments) == list(range(cfg.steps))
+    assert_each_clip_once(ingest.source.assignments, cfg.clip_len)
+    assert state_differences(states, replayed_sequentially(cfg, source.first)) == []
+    # the log is truncated behind the checkpoints: after the final one it holds nothing
+    assert ingest.source.store.latest_complete() == cfg.steps and ingest.source.wal.sizes == {}
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+
+def png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_every_bad_input_gets_its_reason_and_the_stream_goes_on(client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    cfg = config(tmp_path)
+    ingest = start_ingest(cfg, buffer_clips=100)
+    px = video(20, seed=0)
+    try:
+        s = stub(client, ingest.server.address)
+        frames = [
+            raw(pb, "a", 0, px[0]), raw(pb, "a", 1, px[1]),
+            raw(pb, "a", 1, px[1]),  # duplicate
+            raw(pb, "a", 0, px[0]),  # out of order
+            pb.Frame(stream="a", index=2, encoding=pb.PNG, data=b"\x89PNG\r\n\x1a\n not really"),  # undecodable
+            raw(pb, "a", 2, video(1, 1, size=12)[0]),  # another size
+            pb.Frame(stream="a", index=2, encoding=pb.ENCODING_UNSPECIFIED, data=px[2].tobytes()),  # no encoding
+            pb.Frame(stream="a", index=2, encoding=7, data=px[2].tobytes()),  # an encoding from the future
+            pb.Frame(stream="a", index=2, encoding=pb.RAW, data=px[2].tobytes()[:-1], shape=[10, 10, 3], dtype="uint8"),
+            pb.Frame(stream="a", index=2, encoding=pb.RAW, data=px[2].tobytes(), shape=[10, 10, 3], dtype="int16"),
+            pb.Frame(stream="", index=0, encoding=pb.RAW, data=px[2].tobytes(), shape=[10, 10, 3], dtype="uint8"),
+            pb.Frame(stream="a", index=2, encoding=pb.PNG, data=png(px[2])),  # fine, as PNG
+            raw(pb, "a", 3, px[3]),  # clip [0, 1, 2] was completed by frame 2; [2, 3] waits
+            raw(pb, "a", 7, px[7]),  # a gap: frame 3's pair with 2 is lost (1 frame unused)
+            raw(pb, "a", 8, px[8]),
+            raw(pb, "a", 12, px[12]),  # a gap: [7, 8] unfinished (2 frames unused)
+            raw(pb, "a", 13, px[13]),  # the stream stops mid-clip: [12, 13] wait
+        ]
+        reply = s.Push(iter(frames), metadata=AUTH)
+        later = s.Push(iter([raw(pb, "a", 14, px[14])]), metadata=AUTH)  # a later call completes that clip
+    finally:
+        ingest.stop()
+    reasons = [(r.index, pb.Reason.Name(r.reason)) for r in reply.rejections]
+    assert reasons == [(1, "DUPLICATE"), (0, "OUT_OF_ORDER"), (2, "UNDECODABLE"), (2, "SIZE_MISMATCH"),
+                       (2, "UNKNOWN_ENCODING"), (2, "UNKNOWN_ENCODING"), (2, "UNDECODABLE"), (2, "UNKNOWN_ENCODING"),
+                       (0, "BAD_STREAM"), (7, "GAP"), (12, "GAP")], reasons
+    messages = [r.message for r in reply.rejections]
+    assert "frame 1 again" in messages[0] and "frame 0 after frame 1" in messages[1]
+    assert "not a readable PNG" in messages[2]
+    assert "12x12x3, the stream's frames are 10x10x3" in messages[3]
+    assert "needs 300 bytes, the frame has 299" in messages[6] and "'int16'" in messages[7]
+    assert reply.accepted == 8 and reply.rejected == 9
+    a = {st.stream: st for st in reply.streams}["a"]
+    assert (a.accepted, a.clips, a.next_index, a.pending, a.unused) == (8, 1, 14, 2, 3), a
+    b = later.streams[0]
+    assert (b.accepted, b.clips, b.next_index, b.pending) == (1, 1, 15, 0), b
+    assert [(c.stream, c.start) for c in ingest.buffer._queue] == [("a", 0), ("a", 12)]
+
+
+def test_oversized_busy_and_disconnected_calls_leave_the_others_going(client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    ingest = start_ingest(config(tmp_path), buffer_clips=100, max_message_mb=0.01)  # 10 KB messages at most
+    held = threading.Event()
+    try:
+        s = stub(client, ingest.server.address)
+
+        def held_open(stream: str, n: int) -> Iterator[Any]:
+            yield from stream_frames(pb, stream, n, seed=1)
+            held.wait(30)
+
+        busy = s.Push.future(held_open("c", 4), metadata=AUTH)
+        gone = s.Push.future(held_open("d", 4), metadata=AUTH)
+        assert _until(lambda: ingest.stats.frames_in == 8)
+        gone.cancel()  # the client goes away mid-clip
+        with pytest.raises(grpc.RpcError) as big:
+            s.Push(iter([raw(pb, "e", 0, video(1, 0, size=100)[0])]), metadata=AUTH)  # 30 KB
+        refused = s.Push(stream_frames(pb, "c", 2, seed=2, first=4), metadata=AUTH)
+        assert _until(lambda: ingest.stats.active_calls == 1)  # the cancelled call ended on the server
+        resumed = s.Push(stream_frames(pb, "d", 3, seed=3, first=4), metadata=AUTH)
+        fine = s.Push(stream_frames(pb, "f", 5, seed=4), metadata=AUTH)
+        held.set()
+        busy_reply = busy.result(timeout=30)
+    finally:
+        held.set()
+        ingest.stop()
+    assert big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in big.value.details()
+    assert [pb.Reason.Name(r.reason) for r in refused.rejections] == ["STREAM_BUSY"] * 2
+    assert "being pushed by another call" in refused.rejections[0].message
+    d = resumed.streams[0]
+    assert (d.accepted, d.next_index, d.clips, d.pending) == (3, 7, 2, 0), d  # [2 3 4] [4 5 6] after [0 1 2]
+    assert fine.accepted == 5 and fine.streams[0].clips == 2 and busy_reply.accepted == 4
+    assert "e" not in ingest.server.streams  # the oversized frame changed nothing
+
+
+def _until(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def test_drop_oldest_counts_and_reports_what_it_drops(client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    ingest = start_ingest(config(tmp_path), buffer_clips=2, when_full="drop-oldest")
+    try:
+        reply = stub(client, ingest.server.address).Push(stream_frames(pb, "a", 21, seed=0), metadata=AUTH)
+        watched = next(stub(client, ingest.server.address).Watch(pb.WatchRequest(), metadata=AUTH))
+    finally:
+        ingest.stop()
+    assert reply.accepted == 21 and reply.streams[0].clips == 10
+    assert reply.dropped_frames == 8 * 2 and watched.dropped_frames == 16  # 8 of 10 clips, 2 new frames each
+    assert [c.start for c in ingest.buffer._queue] == [16, 18] and watched.buffered_clips == 2
+
+
+# -- security -------------------------------------------------------------------------------------------
+
+
+def test_a_missing_or_wrong_token_is_refused_and_changes_nothing(client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    ingest = start_ingest(config(tmp_path))
+    try:
+        s = stub(client, ingest.server.address)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+            with pytest.raises(grpc.RpcError) as push:
+                s.Push(stream_frames(pb, "a", 5, seed=0), metadata=metadata)
+            with pytest.raises(grpc.RpcError) as watch:
+                next(s.Watch(pb.WatchRequest(), metadata=metadata))
+            assert push.value.code() == watch.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in push.value.details()
+        assert (ingest.stats.frames_in, ingest.stats.rejected, ingest.stats.streams, len(ingest.buffer)) == (0, 0, 0, 0)
+        assert ingest.server.streams == {}
+        assert s.Push(stream_frames(pb, "a", 5, seed=0), metadata=AUTH).accepted == 5
+    finally:
+        ingest.stop()
+
+
+def test_tls_with_a_certificate_and_key(client: Any, tmp_path: Path) -> None:
+    pb, _ = client
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    ingest = start_ingest(config(tmp_path), tls_cert=str(cert), tls_key=str(key))
+    try:
+        secure = stub(client, ingest.server.address, grpc.ssl_channel_credentials(root_certificates=cert.read_bytes()))
+        assert secure.Push(stream_frames(pb, "a", 5, seed=0), metadata=AUTH).accepted == 5
+        with pytest.raises(grpc.RpcError) as plain:
+            stub(client, ingest.server.address).Push(stream_frames(pb, "b", 5, seed=0), metadata=AUTH, timeout=5)
+        assert plain.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert ingest.stats.frames_in == 5
+    finally:
+        ingest.stop()
+
+
+# -- flow control -----------------------------------------------------------------------------------------
+
+
+def _fast_producer_into_a_slow_pipeline(client: Any, tmp_path: Path, seconds: float) -> None:
+    """Frames pushed as fast as the server takes them (32x32, 4 streams), a 3-stage pipeline consuming
+    them slower. The buffer stays at its bound, the log at about a checkpoint interval, the driver's
+    memory flat (no timing is asserted: only what is held)."""
+    pb, _ = client
+    cfg = config(tmp_path, layers="conv:8,conv:8,conv:8", steps=10**6, checkpoint_every=4)
+    control = RunControl()
+    ingest = start_ingest(cfg, control, buffer_clips=8)
+    stop = threading.Event()
+    sent = [0]
+
+    def endless(i: int) -> Iterator[Any]:
+        pixels = video(8, seed=i, size=32)
+        n = 0
+        while not stop.is_set():
+            yield raw(pb, f"cam{i}", n, pixels[n % 8])
+            sent[0] += 1
+            n += 1
+
+    samples: list[tuple[int, dict]] = []
+    process = psutil.Process(os.getpid())
+
+    timer = threading.Timer(seconds, control.request_stop)  # from the first micro-batch on: Ray's start aside
+
+    def watch(m: int) -> None:
+        if m == 0:
+            timer.start()
+        samples.append((process.memory_info().rss, ingest.stats.snapshot()))
+
+    s = stub(client, ingest.server.address)
+    calls = [s.Push.future(endless(i), metadata=AUTH) for i in range(4)]
+    try:
+        run_ray(cfg, cfg.learner_spec((3, SIZE, SIZE)), ingest.source, Recorder(watch), store=ingest.source.store,
+                control=control)
+    finally:
+        timer.cancel()
+        stop.set()
+        for c in calls:
+            c.cancel()
+        ingest.stop()
+    assert len(samples) >= 8, len(samples)
+    assert max(snap["buffered_clips"] for _, snap in samples) <= 8
+    assert any(snap["buffered_clips"] == 8 for _, snap in samples)  # the producers were held back at the bound
+    wal = [snap["wal_micro_batches"] for _, snap in samples]  # truncated behind the checkpoints: bounded
+    assert max(wal[len(wal) // 2:]) <= max(max(wal[:len(wal) // 2]), 8 * cfg.checkpoint_every), wal
+    assert samples[-1][1]["micro_batches"] > 2 * max(wal), wal
+    taken = ingest.stats.frames_in
+    trained = sum(len(v) for v in (ingest.source.assignments or {}).values())
+    assert taken > trained * (cfg.clip_len - 1)  # the producers outran training ...
+    assert sent[0] - taken < 10_000  # ... and were slowed down, not buffered (a few flow-control windows)
+    rss = [r for r, _ in samples]
+    half = len(rss) // 2
+    assert max(rss[half:]) - max(rss[:half]) < 64 << 20, (max(rss[:half]), max(rss[half:]))  # bytes
+
+
+def test_a_fast_producer_into_a_slow_pipeline_keeps_memory_flat(ray_local: str, client: Any, tmp_path: Path) -> None:
+    _fast_producer_into_a_slow_pipeline(client, tmp_path, seconds=12)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_fast_producer_for_a_minute_keeps_memory_flat(ray_local: str, client: Any, tmp_path: Path) -> None:
+    _fast_producer_into_a_slow_pipeline(client, tmp_path, seconds=60)
