@@ -9,15 +9,17 @@ flow-control window per call.
 
 The driver asks for micro-batch m (pipeline/ingest/source.py) and the buffer forms it from B clips:
 
-  fresh      queued clips, oldest first, at most one per stream: each clip is trained on as "fresh" in
-             exactly one micro-batch, in its stream's order.
-  negatives  the other B - F places, so that every clip has B - 1 others to be told apart from. They come
-             from a bounded memory of the last `memory` clips already trained on, and from clips still
-             queued (seen early; they stay queued and are fresh later), chosen at random (seeded) among
-             those *compatible* with every clip already chosen: another stream, or the same stream with
-             first frames at least `gap` frames apart — with several streams, negatives are clips of
-             other streams; with a single stream, clips far apart in time (frames of one stream close in
-             time are near-positives, and as negatives they poison a contrastive loss).
+  fresh      the oldest queued clip, then every later queued clip *compatible* with those chosen, up to
+             B: of another stream, or of the same stream with first frames at least `gap` frames apart
+             (frames of one stream close in time are near-positives, and as negatives of each other they
+             poison a contrastive loss). Each clip is trained on as "fresh" in exactly one micro-batch; a
+             stream's clips may be taken out of order by up to the buffer's span (a single stream's
+             micro-batch takes clips 0, 5, 10, ... of the queue, the next 1, 6, 11, ...).
+  negatives  the other B - F places, so that every clip has B - 1 others to be told apart from: clips
+             compatible with every clip chosen, at random (seeded), from a bounded memory of the last
+             `memory` clips trained on and from clips still queued (seen early; they stay queued and are
+             fresh later). With several streams they are clips of other streams; with a single stream,
+             clips of it far apart in time.
 
 A micro-batch waits for B fresh clips up to `linger` seconds after its first one, then takes the
 negatives it needs. When not enough compatible clips exist (a single stream's first micro-batches: its
@@ -126,11 +128,9 @@ class ClipBuffer:
 
     def _fresh(self) -> list[Clip]:
         fresh: list[Clip] = []
-        streams: set[str] = set()
-        for clip in self._queue:
-            if clip.stream not in streams:
+        for clip in self._queue:  # the oldest is always taken: no clip waits forever
+            if all(_apart(clip, other, self.gap) for other in fresh):
                 fresh.append(clip)
-                streams.add(clip.stream)
                 if len(fresh) == self.B:
                     break
         return fresh
@@ -147,7 +147,7 @@ class ClipBuffer:
                 if len(chosen) == self.B:
                     break
                 c = candidates[i]
-                if all(c.stream != o.stream or abs(c.start - o.start) >= gap for o in chosen):
+                if all(_apart(c, o, gap) for o in chosen):
                     chosen.append(c)
             if len(chosen) == self.B:
                 if gap < self.gap:
@@ -165,3 +165,8 @@ class ClipBuffer:
             self.bytes -= clip.nbytes
             self._memory.append(clip)
         self._cond.notify_all()
+
+
+def _apart(a: Clip, b: Clip, gap: int) -> bool:
+    """Whether two clips may share a micro-batch: other streams, or first frames `gap` or more apart."""
+    return a.stream != b.stream or abs(a.start - b.start) >= gap
