@@ -132,7 +132,8 @@ def _add_ingest(sub: Any) -> None:
                     help="pace each stream at this rate, like a camera (default 0: as fast as the server takes)")
     pu.add_argument("--encoding", choices=("raw", "png", "jpeg"), default="raw", help="(default: raw)")
     pu.add_argument("--prefix", default="", help="stream ids are PREFIX + the sequence number")
-
+    pu.add_argument("--loops", type=int, default=1, metavar="N",
+                    help="play every sequence N times in a row, indices going on (a turntable turning again)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,7 +254,10 @@ def _ingest(args: argparse.Namespace) -> int:
                             args.buffer_clips, args.memory_clips, args.negative_gap, args.channels,
                             args.max_message_mb)
         outcome = serve(config_from_args(args), opts)
-        print(f"run directory: {getattr(outcome, 'path', outcome)}")
+        print(f"run directory: {outcome.path}")
+        if outcome.stopped_at is not None:
+            print(f"stopped after {outcome.stopped_at} micro-batches (checkpoint written)")
+        print(f"next: lamina probe --run-dir {outcome.path} --data SPEC (labelled frames like those pushed)")
         return 0
     from pipeline.ingest.push import push, streams_of, summary
     from pipeline.ingest.serve import read_token
@@ -267,7 +271,8 @@ def _ingest(args: argparse.Namespace) -> int:
             ca = f.read()
     streams = streams_of(args.source, args.size, args.one_stream, args.prefix)
     try:
-        replies = push(args.to, token, streams, encoding=args.encoding, fps=args.fps or None, tls_ca=ca)
+        replies = push(args.to, token, streams, encoding=args.encoding, fps=args.fps or None, tls_ca=ca,
+                       loops=args.loops)
     except grpc.RpcError as e:
         print(f"lamina push: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -456,6 +456,10 @@ def _fast_producer_into_a_slow_pipeline(client: Any, tmp_path: Path, seconds: fl
     assert sent[0] - taken < 10_000  # ... and were slowed down, not buffered (a few flow-control windows)
     rss = [r for r, _ in samples]
     half = len(rss) // 2
+    print(f"fast producer, {seconds:g} s: {len(samples)} micro-batches, {taken} frames taken ({sent[0]} sent), "
+          f"buffer max {max(s['buffered_clips'] for _, s in samples)} clips, log max {max(wal)} micro-batches, "
+          f"driver RSS max {max(rss[:half]) / 2**20:.0f} MiB in the first half, {max(rss[half:]) / 2**20:.0f} MiB "
+          f"in the second")
     assert max(rss[half:]) - max(rss[:half]) < 64 << 20, (max(rss[:half]), max(rss[half:]))  # bytes
 
 
@@ -510,3 +514,48 @@ def test_a_single_stream_takes_negatives_far_apart_in_time() -> None:
     assert min(gaps) >= T, gaps  # and even then no two clips of a micro-batch share a frame
     print(f"single stream: {len(formed)} micro-batches, {len(relaxed)} with a relaxed gap "
           f"(min {min(gaps)} frames), the rest >= {gap}")
+
+
+# -- the commands ---------------------------------------------------------------------------------------------
+
+
+def test_lamina_serve_and_push_from_the_command_line(tmp_path: Path) -> None:
+    """`lamina serve` (its own local Ray) fed by `lamina push`, then SIGTERM: a clean end after a final
+    checkpoint, every micro-batch in every ledger once, RUN_DIR/ingest.json gone."""
+    import signal
+
+    from pipeline.checkpoints import CheckpointStore
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "videos.npz"
+    np.savez(data, frames=np.random.default_rng(0).integers(0, 256, (6, 40, 12, 12), dtype=np.uint8),
+             labels=np.arange(6))
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    run_dir = tmp_path / "run"
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--layers", "conv:4,conv:4", "--size",
+                              "8", "--clips", "4", "--clip-len", "3", "--steps", "100000", "--checkpoint-every", "5",
+                              "--channels", "1", "--token-file", str(tmp_path / "token"), "--run-dir", str(run_dir)],
+                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _until(lambda: (run_dir / "ingest.json").is_file() or serve.poll() is not None, timeout=120)
+        info = __import__("json").loads((run_dir / "ingest.json").read_text())
+        assert info["address"].startswith("127.0.0.1:") and "token" not in info  # the token was given: not copied
+        assert (run_dir / "ingest.json").stat().st_mode & 0o777 == 0o600
+        push = subprocess.run([sys.executable, "-m", "pipeline.cli", "push", f"npz:{data}", "--to", info["address"],
+                               "--token-file", str(tmp_path / "token"), "--size", "10", "--encoding", "png"],
+                              check=False, cwd=root, capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        assert "6 stream(s): 240 frames taken, 0 refused, 114 clips queued" in push.stdout, push.stdout
+        store = CheckpointStore(str(run_dir / "checkpoints"))
+        assert _until(lambda: (store.latest_complete() or 0) >= 20, timeout=120)
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=120)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert serve.returncode == 0, err[-3000:]
+    assert "ingest listening on 127.0.0.1:" in out and "stopped after" in out
+    final = store.load_latest()
+    assert final is not None and final.step >= 20
+    assert all(lg.exactly_once(final.step) for lg in final.ledgers)
+    assert not (run_dir / "ingest.json").exists()

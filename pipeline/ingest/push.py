@@ -61,16 +61,19 @@ def encode(pixels: np.ndarray, encoding: str, quality: int = 90) -> pb.Frame:
     return pb.Frame(encoding=ENCODINGS[encoding], data=out.getvalue())
 
 
-def frames(stream: Stream, encoding: str = "raw", fps: float | None = None, first: int = 0) -> Iterator[pb.Frame]:
-    """The stream's Frame messages, paced at `fps` (None: as fast as the call takes them)."""
+def frames(stream: Stream, encoding: str = "raw", fps: float | None = None, first: int = 0,
+           loops: int = 1) -> Iterator[pb.Frame]:
+    """The stream's Frame messages, paced at `fps` (None: as fast as the call takes them), its frames played
+    `loops` times in a row (a turntable turning again; indices go on)."""
     t0 = time.monotonic()
-    for i in range(len(stream.frames)):
+    length = len(stream.frames)
+    for i in range(length * loops):
         if fps:
             time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
-        msg = encode(stream.frames[i], encoding)
+        msg = encode(stream.frames[i % length], encoding)
         msg.stream, msg.index, msg.capture_time = stream.name, first + i, time.time()
-        if stream.labels[i] >= 0:
-            msg.label = int(stream.labels[i])
+        if stream.labels[i % length] >= 0:
+            msg.label = int(stream.labels[i % length])
         yield msg
 
 
@@ -82,7 +85,7 @@ def channel(address: str, tls_ca: bytes | None = None) -> grpc.Channel:
 
 
 def push(address: str, token: str, streams: list[Stream], *, encoding: str = "raw", fps: float | None = None,
-         tls_ca: bytes | None = None, parallel: int = 32) -> list[pb.PushReply]:
+         tls_ca: bytes | None = None, parallel: int = 32, loops: int = 1) -> list[pb.PushReply]:
     """Push every stream in its own call, up to `parallel` at once; the replies, in the streams' order."""
     if encoding not in ENCODINGS:
         raise ValueError(f"--encoding must be one of {sorted(ENCODINGS)} (got {encoding!r})")
@@ -91,7 +94,7 @@ def push(address: str, token: str, streams: list[Stream], *, encoding: str = "ra
                                response_deserializer=pb.PushReply.FromString)
         metadata = (("authorization", f"Bearer {token}"),)
         with futures.ThreadPoolExecutor(max_workers=max(1, min(parallel, len(streams)))) as pool:
-            jobs = [pool.submit(call, frames(s, encoding, fps), metadata=metadata) for s in streams]
+            jobs = [pool.submit(call, frames(s, encoding, fps, loops=loops), metadata=metadata) for s in streams]
             return [j.result() for j in jobs]
 
 

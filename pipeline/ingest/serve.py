@@ -19,6 +19,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import storage
 from pipeline.config import TrainConfig
@@ -30,6 +31,9 @@ from pipeline.ingest.server import IngestServer
 from pipeline.ingest.source import LiveSource
 from pipeline.ingest.stats import IngestStats
 from pipeline.rundir import RunDir, default_run_dir
+
+if TYPE_CHECKING:
+    from pipeline.run import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ class Ingest:
         self.source.truncate()  # what the run's final checkpoint covers
 
 
-def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True) -> object:
+def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True) -> Outcome:
     """Train `cfg` on the live ingest until --steps micro-batches or a stop; the run's Outcome."""
     from pipeline.run import train
 
