@@ -33,6 +33,8 @@ CASES = [
      ["too many conv blocks for 8x8 frames", "block 4 would get 1x1"]),
     ("unknown-data-kind", ["train", "--data", "webcam:0"], 2, ["--data must be", "webcam:0"]),
     ("unknown-synthetic-option", ["train", "--data", "synthetic:colour=1"], 2, ["synthetic", "colour=1"]),
+    ("synthetic-over-budget", ["train", "--data", "synthetic:sequences=1000000"], 2,
+     ["synthetic:sequences=1000000: loading it needs about 152.6 GiB", "more than --memory-budget"]),
     ("no-such-file", ["train", "--data", "npz:{tmp}/missing.npz", *TINY], 2, ["missing.npz: no such file"]),
     ("directory-as-npz", ["train", "--data", "npz:{tmp}", *TINY], 2, ["is a directory, not an .npz archive"]),
     ("archive-over-budget", ["train", "--data", "npz:{big}", "--memory-budget", "0.01", *TINY], 2,

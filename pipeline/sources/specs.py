@@ -38,7 +38,7 @@ def load_videos(spec: str, size: int = 32, split: str = "train", budget: float |
         raise ValueError(f"split must be 'train' or 'probe' (got {split!r})")
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
-        return synthetic_videos(arg, size, split)
+        return synthetic_videos(arg, size, split, budget)
     if kind == "moving-mnist":
         return moving_mnist_videos(arg, size, split, budget)
     if kind == "npz":

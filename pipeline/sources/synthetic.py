@@ -1,21 +1,32 @@
 """The built-in procedural videos: the embedded default data, so lamina learns with nothing downloaded.
 
-Each sequence shows one textured object of one class moving over a textured background:
+Each sequence follows one textured object of one class through a scene that a moving camera films:
 
   - 8 classes, each a shape *and* a texture drawn in the object's own coordinates (so the texture turns
     and moves with the object): disc/rings, square/checker, triangle/gradient, cross/plain, ring/spokes,
     bar/bands, star/bright centre, crescent/dots. Class is not only an outline.
-  - the object drifts on a straight line and bounces off the walls, turns, and breathes in size a little;
-  - a soft shadow edge sweeps across the frame over the sequence (a cat walking from sun into shade), so
-    the same object changes brightness over time while staying the same object;
-  - the background is per-sequence smooth noise, half of them with stripes, static (a fixed camera).
+  - the object bounces around the frame (2-3 px a frame at 32x32), spins 9-20 degrees a frame and breathes
+    in size (about +-15 %); it is large (about two thirds of the frame across), so its shape and texture
+    dominate the frame wherever it is;
+  - the camera pans 3-5 px a frame over a panorama four frames wide (smooth noise at two scales), so the
+    background behind the object is new every few frames;
+  - object and background brightness wander independently (which one is brighter changes over time),
+    the exposure drifts and a soft shadow edge sweeps to and fro;
+  - two soft blobs (distractors) cross the frame fast, fading in and out; the sensor noise changes level
+    from frame to frame.
 
-Per frame the object moves about 2-4 % of the frame and turns a few degrees, so consecutive frames are
-close and "consecutive frames look alike" is a meaningful signal. Object and background brightness are
-drawn independently per sequence and the lighting changes within it, so mean brightness says little about
-the class: a probe has to read shape and texture. (What stays constant within a sequence, background and
-base brightness, also tells sequences apart: an objective that separates clips can lean on it instead of
-the object. Real video has the same shortcut.)
+[Note: what a clip shares] Every nuisance above changes smoothly, with periods of 6-14 frames or motion
+of a few pixels a frame, so it changes little from one frame to the next but covers much of its range
+within one clip of 8 frames; and none has a level of its own per sequence that would tell one sequence
+from another (mean brightness, contrast polarity, the look of the background). What a clip's frames do
+share is the object: its class, and the small jitter of its texture's scale and phase (an instance). A
+layer that learns to map frames of one clip together and other clips apart (`clip-nce`) is thus pushed
+towards shape and texture, while a random network's features are dominated by where the object is, how
+bright things are and what lies behind it. Whatever else stays put within a clip, the objective learns
+instead of the object (while this data was designed, a slower camera and a fainter texture each cost the
+top layer about a quarter of its gain, both together most of it). What the main job learns from it, over
+three seeds: `.results/synthetic-main-job.md`. The cost: consecutive frames are less alike than in a slow
+video (their mean pixel difference is a little over half of that between two sequences).
 
 Options (comma-separated key=value, all optional), e.g. `synthetic:sequences=200,frames=32,seed=1`:
   sequences  train sequences                  (default 160)
@@ -23,10 +34,10 @@ Options (comma-separated key=value, all optional), e.g. `synthetic:sequences=200
   frames     frames per sequence              (default 32)
   classes    object classes, 2..8             (default 8)
   seed       generator seed, >= 0             (default 0)
-  noise      sensor noise std, 0..0.5         (default 0.01, on a 0..1 scale)
+  noise      sensor noise std, 0..0.5         (default 0.03, on a 0..1 scale; each frame 0.5-1.5 times it)
 
 The train and probe splits draw from different random streams of the same seed, so the probe's sequences
-are held out: other positions, motions, backgrounds and lighting of the same classes.
+are held out: other instances, motions, scenes and lighting of the same classes.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pipeline.sources.budget import check, frames_bytes
 from pipeline.sources.options import OptionSpec, parse_options
 from pipeline.sources.videos import Videos, from_array
 
@@ -42,9 +54,13 @@ CLASS_NAMES = ("disc", "square", "triangle", "cross", "ring", "bar", "star", "cr
 
 # One random stream per split: the probe never sees a train sequence.
 _SPLIT_STREAM = {"train": 0, "probe": 1}
-# Sequences rendered at once; bounds the float32 temporaries to ~10 arrays of chunk*L*H*W.
+# Sequences rendered at once; bounds the float32 temporaries to ~10 arrays of chunk*L*H*W (4 MB each at
+# the defaults).
 _CHUNK = 32
-
+# Nuisance periods in frames ([Note: what a clip shares]): short enough to change within a clip of 8.
+_PERIOD = (6.0, 14.0)
+_PANORAMA = 4.0  # the panorama's width and height, in frames
+_DISTRACTORS = 2
 
 _SYNTHETIC_OPTIONS: OptionSpec = {
     "sequences": (int, 1, 1_000_000),
@@ -56,8 +72,9 @@ _SYNTHETIC_OPTIONS: OptionSpec = {
 }
 
 
-def synthetic_videos(options: str, size: int, split: str) -> Videos:
-    """Generate the split's sequences (see the module docstring); deterministic in (options, size, split)."""
+def synthetic_videos(options: str, size: int, split: str, budget: float | None = None) -> Videos:
+    """Generate the split's sequences (see the module docstring); deterministic in (options, size, split).
+    Refused before anything is drawn when it would need more than `budget` GiB (budget.py)."""
     if split not in _SPLIT_STREAM:
         raise ValueError(f"split must be 'train' or 'probe' (got {split!r})")
     opts = parse_options(options, _SYNTHETIC_OPTIONS, "synthetic")
@@ -65,7 +82,10 @@ def synthetic_videos(options: str, size: int, split: str) -> Videos:
     n = int(opts.get("sequences", 160)) if split == "train" else int(opts.get("probe", 16 * classes))
     length = int(opts.get("frames", 32))
     seed = int(opts.get("seed", 0))
-    noise = float(opts.get("noise", 0.01))
+    noise = float(opts.get("noise", 0.03))
+    # The uint8 frames, the float32 videos made of them, and a chunk's ~10 float32 temporaries.
+    need = n * length * size * size + frames_bytes(n, length, 1, size) + 10 * frames_bytes(min(n, _CHUNK), length, 1, size)
+    check(f"synthetic:{options}", need, budget, f"{n} sequences of {length} frames at {size}x{size}")
 
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     params = _draw_params(rng, n, length, classes, size)
@@ -75,13 +95,23 @@ def synthetic_videos(options: str, size: int, split: str) -> Videos:
         chunk = {k: v[lo:hi] for k, v in params.items()}
         img = _render(chunk, length, size)
         if noise > 0:
-            # Drawn per chunk from a stream of its own, so the picture does not depend on the chunk size.
-            img += np.random.default_rng([seed, _SPLIT_STREAM[split], 1, lo]).standard_normal(
-                img.shape, np.float32) * np.float32(noise)
+            # Drawn per sequence from a stream of its own, so the picture does not depend on the chunk size.
+            grain = np.stack([np.random.default_rng([seed, _SPLIT_STREAM[split], 1, i]).standard_normal(
+                (length, size, size), np.float32) for i in range(lo, hi)])
+            img += grain * (np.float32(noise) * chunk["noise_gain"].astype(np.float32)[..., None, None])
         frames[lo:hi] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     labels = np.repeat(params["cls"][:, None], length, axis=1).astype(np.int64)
     name = f"synthetic:{options}" if options else "synthetic"
     return from_array(name, frames, labels, False, size)
+
+
+def _wander(rng: np.random.Generator, n: int, t: np.ndarray) -> np.ndarray:
+    """n smooth random processes over frames t (1, L): two sinusoids of _PERIOD periods, std about 0.8."""
+    out = np.zeros((n, t.shape[1]))
+    for _ in range(2):
+        period = rng.uniform(*_PERIOD, n)[:, None]
+        out += np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi, n)[:, None])
+    return out / (np.sqrt(2) * 0.9)
 
 
 def _draw_params(rng: np.random.Generator, n: int, length: int, classes: int, size: int) -> dict[str, np.ndarray]:
@@ -90,38 +120,55 @@ def _draw_params(rng: np.random.Generator, n: int, length: int, classes: int, si
     cls = np.arange(n) % classes  # balanced: the probe gets exactly n / classes sequences per class
     cls = cls[rng.permutation(n)]
     t = np.arange(length, dtype=np.float64)[None, :]
+    zero = np.zeros(n)
 
-    radius = size * u(0.22, 0.3, n)  # object radius in pixels
-    margin = 0.85 * radius  # the centre bounces inside [margin, size - margin]: the object may graze the edge
-    speed = size * u(0.02, 0.04, n)  # pixels per frame: 0.6-1.3 px at 32x32
-    heading = u(0, 2 * np.pi, n)
+    # The object: radius in pixels per frame, centre bouncing off the walls (it may leave the frame by 40 %
+    # of its radius), angle.
+    base = 0.38 * size
+    radius = base * (1 + 0.05 * u(-1, 1, n))[:, None] * (1 + 0.15 * _wander(rng, n, t))
+    margin = np.full(n, 0.6 * base)
+    speed, heading = size * u(0.06, 0.1, n), u(0, 2 * np.pi, n)
     cx = _bounce(u(margin, size - margin)[:, None] + (speed * np.cos(heading))[:, None] * t, margin, size)
     cy = _bounce(u(margin, size - margin)[:, None] + (speed * np.sin(heading))[:, None] * t, margin, size)
-    spin = u(0.03, 0.09, n) * rng.choice([-1.0, 1.0], n)  # radians per frame: 2-5 degrees
+    spin = u(0.15, 0.35, n) * rng.choice([-1.0, 1.0], n)  # radians per frame
     theta = u(0, 2 * np.pi, n)[:, None] + spin[:, None] * t
-    scale = 1.0 + 0.08 * np.sin(u(0, 2 * np.pi, n)[:, None] + 2 * np.pi * t / u(20, 40, n)[:, None])
 
-    obj = u(0.25, 0.85, n)  # object base brightness
-    bg = u(0.15, 0.85, n)  # background base brightness, kept >= 0.2 away from the object's
-    close = np.abs(obj - bg) < 0.2
-    bg = np.where(close, np.where(obj > 0.5, obj - 0.3, obj + 0.3), bg)
+    # Brightness: object and background wander independently around mid-grey; the texture's strength too.
+    obj = 0.5 + 0.3 * _wander(rng, n, t)
+    bg = 0.5 + 0.2 * _wander(rng, n, t)
+    tex_amp = 0.25 + 0.15 * (0.5 + 0.5 * np.clip(_wander(rng, n, t), -1, 1))
 
-    # The shadow edge: a soft step across the frame at angle light_dir, moving from edge0 to edge1.
-    frac = t / max(length - 1, 1)
-    edge0, edge1 = u(-0.9, -0.1, n), u(0.1, 0.9, n)
-    edge = edge0[:, None] + (edge1 - edge0)[:, None] * frac
+    # The camera's top-left corner on the panorama, bouncing inside it.
+    room = (_PANORAMA - 1) * size
+    cam_speed, cam_dir = size * u(0.1, 0.15, n), u(0, 2 * np.pi, n)
+    camx = _bounce(u(0, room, n)[:, None] + (cam_speed * np.cos(cam_dir))[:, None] * t, zero, room)
+    camy = _bounce(u(0, room, n)[:, None] + (cam_speed * np.sin(cam_dir))[:, None] * t, zero, room)
+
+    # Distractors: soft blobs crossing the frame, each fading in and out (and changing sign) over time.
+    d = _DISTRACTORS
+    dist_speed, dist_dir = size * u(0.06, 0.12, (n, d)), u(0, 2 * np.pi, (n, d))
+    dist_x = np.stack([_bounce(u(0, size, n)[:, None] + (dist_speed[:, j] * np.cos(dist_dir[:, j]))[:, None] * t,
+                               zero, size) for j in range(d)], -1)
+    dist_y = np.stack([_bounce(u(0, size, n)[:, None] + (dist_speed[:, j] * np.sin(dist_dir[:, j]))[:, None] * t,
+                               zero, size) for j in range(d)], -1)
+    dist_amp = u(0.1, 0.25, (n, 1, d)) * np.stack([_wander(rng, n, t) for _ in range(d)], -1)
+
+    # Lighting: a soft shadow edge at angle light_dir moving to and fro across the frame, and the exposure.
+    edge_speed = u(0.03, 0.08, n) * rng.choice([-1.0, 1.0], n)
+    edge = _bounce(u(0, 1, n)[:, None] + edge_speed[:, None] * t, zero, 1.0) - 0.5
     return {
-        "cls": cls, "radius": radius, "cx": cx, "cy": cy, "theta": theta, "scale": scale,
-        "obj": obj, "tex_amp": u(0.15, 0.28, n), "tex_freq": u(0.85, 1.15, n), "tex_phase": u(0, 2 * np.pi, n),
-        "bg": bg, "bg_grid": rng.standard_normal((n, 5, 5)), "bg_noise_amp": u(0.03, 0.08, n),
-        "stripe_amp": u(0.03, 0.08, n) * (rng.random(n) < 0.5), "stripe_freq": u(1.5, 4.0, n),
-        "stripe_dir": u(0, np.pi, n), "stripe_phase": u(0, 2 * np.pi, n),
+        "cls": cls, "radius": radius, "cx": cx, "cy": cy, "theta": theta,
+        "obj": obj, "tex_amp": tex_amp, "tex_freq": u(0.9, 1.1, n), "tex_phase": u(0, 2 * np.pi, n),
+        "bg": bg, "cam_x": camx, "cam_y": camy,
+        "coarse": rng.standard_normal((n, 9, 9)), "fine": rng.standard_normal((n, 17, 17)),
+        "dist_r": size * u(0.05, 0.1, (n, d)), "dist_x": dist_x, "dist_y": dist_y, "dist_amp": dist_amp,
         "light_dir": u(0, 2 * np.pi, n), "edge": edge, "edge_width": u(0.08, 0.25, n),
-        "shade": u(0.35, 0.7, n),
+        "shade": u(0.6, 0.95, n), "gain": 1.0 + 0.15 * _wander(rng, n, t),
+        "noise_gain": u(0.5, 1.5, (n, length)),
     }
 
 
-def _bounce(x: np.ndarray, lo: np.ndarray, size: int) -> np.ndarray:
+def _bounce(x: np.ndarray, lo: np.ndarray, size: float) -> np.ndarray:
     """Fold a straight path into [lo, size - lo] as a ball reflecting off the walls (triangle wave)."""
     lo = lo[:, None]
     span = size - 2 * lo
@@ -137,7 +184,7 @@ def _render(p: dict[str, np.ndarray], length: int, size: int) -> np.ndarray:
     xs, ys = coords[None, None, None, :], coords[None, None, :, None]
 
     # Pixel -> object coordinates (u, v), unit = the object's current radius; the texture lives there too.
-    unit = (p["radius"][:, None] * p["scale"]).astype(f32)[..., None, None]  # (n, L, 1, 1) pixels per unit
+    unit = p["radius"].astype(f32)[..., None, None]  # (n, L, 1, 1) pixels per unit
     dx = xs - p["cx"].astype(f32)[..., None, None]
     dy = ys - p["cy"].astype(f32)[..., None, None]
     cos, sin = np.cos(p["theta"]).astype(f32)[..., None, None], np.sin(p["theta"]).astype(f32)[..., None, None]
@@ -156,37 +203,51 @@ def _render(p: dict[str, np.ndarray], length: int, size: int) -> np.ndarray:
     cover = np.clip(f32(0.5) - dist * unit, 0, 1)
     del u, v, dist
 
-    obj = (p["obj"].astype(f32)[:, None, None, None] + p["tex_amp"].astype(f32)[:, None, None, None] * tex)
-    img = _background(p, size)[:, None] * (1 - cover) + obj * cover
+    obj = p["obj"].astype(f32)[..., None, None] + p["tex_amp"].astype(f32)[..., None, None] * tex
+    img = _background(p, size) * (1 - cover) + obj * cover
     del tex, obj, cover
 
-    # Lighting: gain `shade` on one side of a soft edge, 1 on the other; the edge sweeps across in time.
+    # Lighting: gain `shade` on one side of a soft edge, 1 on the other; then the exposure of the frame.
     centred = (coords - size / 2) / size
     ld = p["light_dir"].astype(f32)[:, None, None, None]
     proj = np.cos(ld) * centred[None, None, None, :] + np.sin(ld) * centred[None, None, :, None]
     z = (proj - p["edge"].astype(f32)[..., None, None]) / p["edge_width"].astype(f32)[:, None, None, None]
     shade = p["shade"].astype(f32)[:, None, None, None]
-    img *= shade + (1 - shade) / (1 + np.exp(-z))
+    img *= (shade + (1 - shade) / (1 + np.exp(-z))) * p["gain"].astype(f32)[..., None, None]
     return img
 
 
 def _background(p: dict[str, np.ndarray], size: int) -> np.ndarray:
-    """(n, size, size) float32: base brightness + smooth noise (bilinear 5x5 grid) + optional stripes."""
+    """(n, L, size, size) float32: brightness + the camera's view of the panorama + the distractors."""
     f32 = np.float32
-    pos = (np.arange(size) + 0.5) / size * 4  # pixel centres on the 5-knot grid, 0..4
-    left = np.clip(np.floor(pos).astype(int), 0, 3)
-    w = pos - left
-    interp = np.zeros((size, 5))
-    interp[np.arange(size), left] = 1 - w
-    interp[np.arange(size), left + 1] = w
-    smooth = np.einsum("yi,nij,xj->nyx", interp, p["bg_grid"], interp)
-    x = (np.arange(size) + 0.5) / size
-    d = p["stripe_dir"][:, None, None]
-    phase = 2 * np.pi * p["stripe_freq"][:, None, None] * (np.cos(d) * x[None, None, :] + np.sin(d) * x[None, :, None])
-    stripes = np.sin(phase + p["stripe_phase"][:, None, None])
-    out = (p["bg"][:, None, None] + p["bg_noise_amp"][:, None, None] * smooth
-           + p["stripe_amp"][:, None, None] * stripes)
-    return out.astype(f32)
+    x = (np.arange(size) + 0.5).astype(f32)
+    pan = _PANORAMA * size
+    px = (x[None, None, None, :] + p["cam_x"].astype(f32)[..., None, None]) / pan  # panorama coordinates, 0..1
+    py = (x[None, None, :, None] + p["cam_y"].astype(f32)[..., None, None]) / pan
+    out = p["bg"].astype(f32)[..., None, None] + 0.08 * _smooth_noise(p["coarse"], px, py)
+    out += 0.04 * _smooth_noise(p["fine"], px, py)
+    for j in range(p["dist_r"].shape[1]):
+        r2 = ((x[None, None, None, :] - p["dist_x"][..., j].astype(f32)[..., None, None]) ** 2
+              + (x[None, None, :, None] - p["dist_y"][..., j].astype(f32)[..., None, None]) ** 2)
+        width = 2 * p["dist_r"][:, j].astype(f32)[:, None, None, None] ** 2
+        out += p["dist_amp"][..., j].astype(f32)[..., None, None] * np.exp(-r2 / width)
+    return out
+
+
+def _smooth_noise(knots: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """Per-sequence knot grids (n, G, G) spanning the panorama, interpolated (smoothstep weights) at panorama
+    coordinates px, py in [0, 1] of shape (n, L, H, W)."""
+    n, g, _ = knots.shape
+    gx, gy = px * (g - 1), py * (g - 1)
+    x0 = np.clip(np.floor(gx).astype(np.int64), 0, g - 2)
+    y0 = np.clip(np.floor(gy).astype(np.int64), 0, g - 2)
+    wx, wy = gx - x0, gy - y0
+    wx, wy = wx * wx * (3 - 2 * wx), wy * wy * (3 - 2 * wy)
+    flat = knots.astype(np.float32).reshape(-1)
+    i = (np.arange(n) * g * g)[:, None, None, None] + y0 * g + x0
+    top = flat[i] * (1 - wx) + flat[i + 1] * wx
+    bottom = flat[i + g] * (1 - wx) + flat[i + g + 1] * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
 # Shapes: (u, v, texture frequency k, texture phase ph) -> (signed distance, texture), in object units
