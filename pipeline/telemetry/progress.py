@@ -88,7 +88,8 @@ class Progress(logging.Handler):
         rate = done / max(now - self.t0, 1e-9)
         warm = done >= max(WARMUP_MIN, WARMUP * (self.total - self.start))
         eta = f" eta {(self.total - self.n) / rate:4.0f}s" if warm and rate > 0 and self.n < self.total else ""
-        return (f"{self.desc} [{bar:<24}] {self.n}/{self.total} {rate:5.1f} {self.unit}/s{eta}"
+        speed = f"{rate:5.1f} {self.unit}/s" if rate >= 1 or done == 0 else f"{1 / rate:5.1f} s/{self.unit}"
+        return (f"{self.desc} [{bar:<24}] {self.n}/{self.total} {speed}{eta}"
                 + (f" | {self.info}" if self.info else ""))
 
     def close(self) -> None:
