@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -19,6 +20,7 @@ from typing import Any
 from pipeline.errors import ConfigError, LaminaError
 from pipeline.flags import add_flags, arg_type, config_from_args, given_settings
 
+PROBE_FRACTION = 0.5  # the probe's split when none is given: half of the sequences labelled
 STUDY_FLAGS = ("data", "steps", "seed", "engine", "loss_grid", "deltas")  # what a study's variants share
 
 
@@ -32,7 +34,8 @@ def _add_split(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe-views", type=arg_type(_ints, "--probe-views"), default=None, metavar="I,J,...",
                    help="label these frame indices of every sequence, test on the others (e.g. 0,18,36,54)")
     g.add_argument("--probe-fraction", type=float, default=None, metavar="F",
-                   help="label every frame of this fraction of the sequences, test on the others (default: 0.5)")
+                   help=f"label every frame of this fraction of the sequences, test on the others "
+                        f"(default: {PROBE_FRACTION})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     add_flags(t)
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its last complete checkpoint, with its own config")
+    t.add_argument("--no-probe", action="store_true",
+                   help="skip the probe of the finished run (learned vs random init per layer, as lamina probe)")
 
     pr = sub.add_parser("probe", help="linear and 1-NN probes of a run's layers, next to random init")
     pr.add_argument("--run-dir", required=True)
@@ -56,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--run-dir", required=True)
 
     st = sub.add_parser("study", help="train and probe a named set of variants side by side")
-    st.add_argument("name", choices=("objectives", "deltas", "settings"))
+    st.add_argument("name", choices=("objectives", "deltas", "settings", "seeds"))
     st.add_argument("--out", required=True, help="study directory (finished variants are kept, others resumed)")
     add_flags(st, STUDY_FLAGS, defaults={"steps": 1500, "engine": "sequential"})
     st.add_argument("--only", default=None, metavar="LABEL,...", help="the variants to run")
@@ -100,6 +105,9 @@ def _add_ingest(sub: Any) -> None:
     """`lamina serve` (train on a live gRPC ingest) and `lamina push` (its client); pipeline/ingest/."""
     sv = sub.add_parser("serve", help="train the pipeline on live streams pushed over gRPC (proto/lamina/v1/)")
     add_flags(sv)
+    sv.add_argument("--resume", default=None, metavar="RUN_DIR",
+                    help="continue a serve run from its last complete checkpoint: the micro-batches its log holds "
+                         "beyond it are replayed first, then new frames are taken")
     sv.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                     help="where the ingest listens (default: loopback, any free port; see RUN_DIR/ingest.json)")
     sv.add_argument("--token-file", default=None, metavar="FILE",
@@ -138,7 +146,9 @@ def _add_ingest(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(_negatives_attached(sys.argv[1:] if argv is None else list(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(_negatives_attached(argv))
+    args.command_line = shlex.join(["lamina", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:
@@ -177,7 +187,7 @@ def _negatives_attached(argv: list[str]) -> list[str]:
 def _probe_split(args: argparse.Namespace) -> tuple[tuple[int, ...] | None, float | None]:
     """--probe-views or --probe-fraction; half of the sequences when neither is given."""
     if args.probe_views is None and args.probe_fraction is None:
-        return None, 0.5
+        return None, PROBE_FRACTION
     return args.probe_views, args.probe_fraction
 
 
@@ -189,12 +199,12 @@ def _run(args: argparse.Namespace) -> int:
             outcome = resume(args.resume, handle_signals=True, given=given_settings(args))
         else:
             outcome = train(config_from_args(args), handle_signals=True)
-        print(f"run directory: {outcome.path}")
+        print(f"run directory: {outcome.path} (loss.png: loss and feature spread per layer; metrics/; checkpoints/)")
         if outcome.stopped_at is not None:
             print(f"stopped after {outcome.stopped_at} micro-batches (checkpoint written); "
                   f"continue with: lamina train --resume {outcome.path}")
-        else:
-            print(f"next: lamina probe --run-dir {outcome.path}")
+        elif not args.no_probe:
+            _probe_finished(str(outcome.path))
         return 0
     if args.command == "probe":
         from pipeline.evaluation.probe import format_table, probe
@@ -209,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
         base = config_from_args(args).to_dict()
         base = {k: base[k] for k in STUDY_FLAGS}
         only = args.only.split(",") if args.only else None
-        results = run_study(args.name, args.out, base, *_probe_split(args), only)
+        results = run_study(args.name, args.out, base, *_probe_split(args), only, args.command_line)
         print(format_study(results))
         print(f"wrote {args.out}/study.json, study.md, study.png")
         return 0
@@ -253,7 +263,10 @@ def _ingest(args: argparse.Namespace) -> int:
         opts = ServeOptions(args.listen, args.token_file, args.tls_cert, args.tls_key, args.when_full,
                             args.buffer_clips, args.memory_clips, args.negative_gap, args.channels,
                             args.max_message_mb)
-        outcome = serve(config_from_args(args), opts)
+        if args.resume:
+            outcome = serve(config_from_args(args), opts, resume_dir=args.resume, given=given_settings(args))
+        else:
+            outcome = serve(config_from_args(args), opts)
         print(f"run directory: {outcome.path}")
         if outcome.stopped_at is not None:
             print(f"stopped after {outcome.stopped_at} micro-batches (checkpoint written)")
@@ -292,7 +305,6 @@ def _probe_finished(run_dir: str) -> None:
         return
     print(format_table(report))
     print(f"(lamina probe --run-dir {run_dir} computes the same table again)")
-
 
 
 def _control(run_dir: str, action: str, as_json: bool = False) -> int:

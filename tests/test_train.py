@@ -182,3 +182,21 @@ def test_study_tables_every_variant_with_its_own_twin_and_resumes(tmp_path: Path
     assert (tmp_path / "a" / "probe.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="unknown variants"):
         study.run_study("tiny", tmp_path, base, views=(0, 5), fraction=None, only=["nope"])
+
+
+def test_a_study_over_seeds_gives_each_seed_its_own_twin_and_names_its_command(tmp_path: Path, seq_npz: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.evaluation import study
+
+    monkeypatch.setitem(study.STUDIES, "seeds", [("seed-0", {"seed": 0}), ("seed-1", {"seed": 1})])
+    base = {**TINY, "data": f"npz:{seq_npz}", "steps": 3}
+    results = study.run_study("seeds", tmp_path, base, views=(0, 5), fraction=None, command="lamina study seeds")
+    lines = (tmp_path / "study.md").read_text().splitlines()
+    assert lines[0] == "<!-- command: lamina study seeds -->"
+    # The same network at two initialisations: two random-init rows, each with its own seed's numbers.
+    twins = {line.split(" | ")[0]: line for line in lines if line.startswith("| random init")}
+    assert set(twins) == {"| random init (conv:4,conv:8, seed 0)", "| random init (conv:4,conv:8, seed 1)"}
+    for r in results:
+        cells = [f"{100 * x['linear_random']:.1f}" for x in r["probe"]["layers"]]
+        assert twins[f"| random init (conv:4,conv:8, seed {r['config']['seed']})"].split(" | ")[1:] == \
+            [*cells[:-1], cells[-1] + " |"]

@@ -7,7 +7,7 @@ stopped. The random-init twin of every variant is probed with it, so each row ca
 
     OUT/<label>/...      each variant's run directory
     OUT/study.json       every variant's config and probe
-    OUT/study.md         the table
+    OUT/study.md         the table, after a first line naming the command that made it
     OUT/study.png        probe accuracy by layer, learned (solid) and random init (dotted)
 """
 
@@ -45,11 +45,13 @@ STUDIES: dict[str, list[Variant]] = {
                  ("lr-3e-4", {"lr": 3e-4}), ("steps-1000", {"steps": 1000}),
                  ("wide", {"layers": "conv:64,conv:128,conv:256"}),
                  ("deep", {"layers": "conv:32,conv:64,conv:128,conv:256"})],
+    # The defaults with three seeds (initialisation and data order): how much of a result is the seed's.
+    "seeds": [(f"seed-{seed}", {"seed": seed}) for seed in (0, 1, 2)],
 }
 
 
 def run_study(name: str, out: str | Path, base: dict, views: tuple[int, ...] | None,
-              fraction: float | None, only: list[str] | None = None) -> list[dict]:
+              fraction: float | None, only: list[str] | None = None, command: str = "") -> list[dict]:
     if name not in STUDIES:
         raise ConfigError(f"study must be one of {sorted(STUDIES)} (got {name!r})")
     variants = [v for v in STUDIES[name] if only is None or v[0] in only]
@@ -67,12 +69,12 @@ def run_study(name: str, out: str | Path, base: dict, views: tuple[int, ...] | N
                 resume(str(run_dir))  # an interrupted variant continues from its last checkpoint
             else:
                 train(cfg)
-            probe(run_dir, views=views, fraction=fraction)
+            probe(run_dir, views=views, fraction=fraction, progress=True)
         report = json.loads((run_dir / "probe.json").read_text())
         results.append({"label": label, "config": cfg.to_dict(), "probe": report})
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "study.md").write_text(format_study(results) + "\n")
+    (out / "study.md").write_text((f"<!-- command: {command} -->\n" if command else "") + format_study(results) + "\n")
     plot_study(results, out / "study.png")
     return results
 
@@ -97,12 +99,15 @@ def _twins(results: list[dict]) -> dict[str, list[dict]]:
     """Each network's random-init twin, per layer (the same for every variant of that network), by its
     table and legend label: "random init", naming the network when the study has several.
 
-    The normalisation between layers is part of the network: it changes the features the probe reads.
+    The normalisation between layers is part of the network: it changes the features the probe reads; so
+    is the seed it was initialised with, when the variants differ in it.
     """
     twins: dict[str, list[dict]] = {}
+    seeds = len({r["config"]["seed"] for r in results}) > 1
     for r in results:
         norm = r["config"].get("norm", "rms")  # runs written before --norm existed used rms
         net = r["config"]["layers"] + ("" if norm == "rms" else f", norm {norm}")
+        net += f", seed {r['config']['seed']}" if seeds else ""
         twins.setdefault(net, r["probe"]["layers"])
     if len(twins) == 1:
         return {"random init": next(iter(twins.values()))}
