@@ -19,6 +19,7 @@ from workers.objectives import OBJECTIVES
 
 ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
+TRANSPORTS = ("auto", "object-store", "compiled-graph")  # pipeline/engines/transport.py
 
 
 def flag(default: Any, help: str, *, parse: Any = None, choices: tuple[str, ...] | None = None,
@@ -91,6 +92,10 @@ class TrainConfig:
     layers_per_stage: int = flag(1, "consecutive layers per stage actor (when layers outnumber devices)",
                                  section="ray")
     queue_depth: int = flag(2, "bounded channel depth between stages, in micro-batches", section="ray")
+    transport: str = flag("object-store", "how activations travel between stages: object-store (a Ray call "
+                          "per step, output references chained), compiled-graph (a Ray Compiled Graph: "
+                          "shared-memory channels on the cpu, NCCL on GPUs) or auto (the one measured best "
+                          "for the stages' device)", choices=TRANSPORTS, section="ray")
     placement: str = flag("pack", "placement-group strategy: pack, or spread (one stage per node)",
                           choices=PLACEMENTS, section="ray")
     cpus_per_stage: float = flag(1.0, "CPUs reserved per stage (its torch threads)", section="ray")
@@ -158,6 +163,7 @@ class TrainConfig:
             (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
+            (self.transport in TRANSPORTS, f"--transport must be one of {list(TRANSPORTS)}", self.transport),
             (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
             (self.gpus_per_stage is None or self.gpus_per_stage >= 0, "--gpus-per-stage must be >= 0",
              self.gpus_per_stage),

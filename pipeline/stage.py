@@ -58,6 +58,26 @@ class StepReport:
     busy: float  # busy fraction over the same window
 
 
+@dataclass(frozen=True)
+class Hop:
+    """What travels from stage to stage on a compiled-graph transport (pipeline/engines/transport.py): the
+    activation with the control that goes with it, so that a stage's barrier snapshot keeps its place right
+    behind its step in the one order the graph runs every stage's calls in."""
+
+    m: int  # micro-batch number
+    step: bool  # learn from x (False: a snapshot-only message, x is None)
+    store: CheckpointStore | None  # write this stage's part of the barrier after m here (None: no barrier)
+    x: np.ndarray | None  # the input of this stage: frames for stage 0, the stage below's output above it
+
+
+@dataclass(frozen=True)
+class HopResult:
+    """What a stage hands the driver for one `Hop`: small, no tensors."""
+
+    report: StepReport | None  # the step's report (None: a snapshot-only message)
+    part: Part | CheckpointError | None  # its part of the barrier, or why the store refused it (None: no barrier)
+
+
 def partition(n_layers: int, per_stage: int) -> list[tuple[int, int]]:
     """Consecutive layer ranges [first, last) of at most `per_stage` layers, bottom to top."""
     if per_stage < 1:
@@ -139,6 +159,22 @@ class Stage:
         if self._report is not None:
             self._report(report)
         return y, report
+
+    def hop(self, msg: Hop, emit: bool = True) -> tuple[Hop, HopResult]:
+        """Step on `msg` (when it carries a step), then write the barrier snapshot it asks for; returns the
+        message for the stage above and the result for the driver. A store that refuses the snapshot is
+        reported in the result, not raised: the run decides ([Note: barrier checkpoints])."""
+        y, report = None, None
+        if msg.step:
+            assert msg.x is not None, msg  # the driver and the stage below always send an input with a step
+            y, report = self.step(msg.m, msg.x, emit)
+        part: Part | CheckpointError | None = None
+        if msg.store is not None:
+            try:
+                part = self.snapshot(msg.m, msg.store)
+            except CheckpointError as e:
+                part = e
+        return Hop(msg.m, msg.step, msg.store, y), HopResult(report, part)
 
     # -- state -----------------------------------------------------------------------------------------
 

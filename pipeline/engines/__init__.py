@@ -5,6 +5,7 @@
     ray_engine.py  the asynchronous pipeline: one Ray actor per stage
     cluster.py     joining a Ray cluster (failing fast when there is none), or starting one here
     placement.py   one placement-group bundle per stage, the named stage actors
+    transport.py   how activations travel stage to stage: object-store references or a compiled graph
     recovery.py    which failures are retried, how stages come back, when a run gives up
     actors.py      the one place a stage becomes a Ray actor, and Ray's errors become lamina's
 """

@@ -31,6 +31,7 @@ from typing_extensions import Self  # typing.Self from Python 3.11; typing_exten
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.engines.actors import get, stage_actor_class
+from pipeline.engines.transport import Transport, make_transport, resolve
 from pipeline.errors import ConfigError, PlacementError, StageLost
 from pipeline.rundir import checkpoint_location
 from pipeline.stage import partition
@@ -82,6 +83,7 @@ class StageActors:
         self.info: list[dict[str, Any]] = []  # Stage.info() of each: node, device, layers, pid
         self.pg: PlacementGroup | None = None
         self.gpus = 0.0  # GPUs per stage (set by start)
+        self.transport: Transport = make_transport(resolve(cfg.transport, "cpu"), self)  # set again by start
         self._generation = 0  # bumped per replacement round: replacement actors get fresh names
 
     def __enter__(self) -> Self:
@@ -105,6 +107,7 @@ class StageActors:
             self.gpus = cfg.gpus_per_stage
         else:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        self.transport = make_transport(resolve(cfg.transport, "cuda" if self.gpus else "cpu"), self)
         bundle = {"CPU": cfg.cpus_per_stage, **({"GPU": self.gpus} if self.gpus else {})}
         strategy = cfg.placement.upper()
         self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name=f"lamina-{self.run_id}")
@@ -159,7 +162,9 @@ class StageActors:
                  "cuda" if self.gpus else "cpu")
 
     def replace_dead(self) -> None:
-        """Replace every stage actor that does not answer, in its own bundle."""
+        """Replace every stage actor that does not answer, in its own bundle. The transport is reset first: a
+        compiled graph over the old set of actors is torn down, and compiled again over the new one."""
+        self.transport.reset()
         dead = [k for k in range(len(self.handles)) if not self.alive(k)]
         if dead:
             self._generation += 1
@@ -181,6 +186,7 @@ class StageActors:
 
     def close(self) -> None:
         """Kill every stage actor and free the placement group; safe to call twice."""
+        self.transport.close()
         for actor in self.handles:
             try:
                 ray.kill(actor, no_restart=True)

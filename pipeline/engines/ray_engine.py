@@ -1,4 +1,4 @@
-"""The Ray engine: the schedule driven over one actor per stage, activations chained through the object store.
+"""The Ray engine: the schedule driven over one actor per stage, activations handed on by a transport.
 
 `run_ray` has the engine contract of pipeline/engines/base.py and, by [Note: channels] in
 pipeline/schedule.py, the sequential loop's result bit for bit on the cpu. `RayPipeline` is the driver
@@ -14,6 +14,8 @@ Ray starts stage 1's call as soon as a0 is sealed, without a round trip through 
 runs one caller's calls in submission order (max_concurrency 1, no task retries), so every stage sees
 m, m+1, ... in order, and a stage emits the output of the same forward it learned from
 (workers/learner.py): every stage applies the sequential loop's updates, in its order, to the same inputs.
+That diagram is the object-store transport (--transport object-store); the driver loop below only speaks
+to the seam in pipeline/engines/transport.py, whose compiled-graph transport keeps the same order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import ray
 
-from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger, Part
+from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
 from pipeline.engines.actors import get
@@ -116,52 +118,36 @@ class RayPipeline:
                 segment = self.recovery.recover(e, reports.seen)
 
     def _drive(self, schedule: Schedule, source: Source, reports: Reports) -> None:
-        handles, names, n = self.actors.handles, self.actors.names, len(self.actors)
-        outputs: dict[tuple[int, int], Any] = {}  # (k, m) -> stage k's output ref of m, until stage k+1 takes it
-        pending: dict[tuple[int, int], Any] = {}  # (k, m) -> report ref of stage k's step m
-        parts: dict[int, dict[int, Any]] = {}  # m -> {k: ref of stage k's snapshot of m}
+        transport, n = self.actors.transport, len(self.actors)
         done = [schedule.start] * n  # per stage, micro-batches reported
+        transport.begin(self.store)
         try:
             follow_requests(self.control, schedule)
             for action in schedule:
                 if isinstance(action, Step):
                     k, m = action.stage, action.m
-                    x = source.batch(m).frames.numpy() if k == 0 else outputs.pop((k - 1, m))
-                    out, pending[(k, m)] = handles[k].step.options(num_returns=2).remote(m, x, k + 1 < n)
-                    if k + 1 < n:
-                        outputs[(k, m)] = out
+                    transport.step(k, m, source.batch(m).frames.numpy() if k == 0 else None)
                 elif isinstance(action, Snapshot):
-                    parts.setdefault(action.m, {})[action.stage] = handles[action.stage].snapshot.remote(
-                        action.m, self.store)
+                    transport.snapshot(action.stage, action.m)
                 elif isinstance(action, Wait):
                     k, m = action.stage, action.m
-                    ref = pending.pop((k, m))
-                    self._wait([ref], schedule)
-                    reports.add(get(ref, k, m, names[k]))
+                    reports.add(transport.report(k, m, lambda refs: self._wait(refs, schedule)))
                     done[k] = m + 1
                     self.gauges.queue_depths(h - d for h, d in zip(schedule.handed, done, strict=True))
                 elif isinstance(action, Commit):
                     assert self.store is not None
-                    refs = parts.pop(action.m)
-                    self._wait(list(refs.values()), schedule)
-                    commit(self.store, action.m, [self._part(refs[k], k, action.m) for k in sorted(refs)],
-                           self.health)
+                    parts = transport.parts(action.m, lambda refs: self._wait(refs, schedule))
+                    commit(self.store, action.m, parts, self.health)
                     self.gauges.run_counts(self.recovery.count if self.recovery else 0, self.health.failed)
                 follow_requests(self.control, schedule)  # before the schedule decides its next action
         except KeyboardInterrupt:
             if self.control is not None and self.control.stop_requested:
                 logger.warning("interrupted again: exiting without draining")
             else:
-                self._drain([ref for refs in parts.values() for ref in refs.values()])
+                self._drain(transport.in_flight_parts())
             raise
-
-    def _part(self, ref: Any, k: int, m: int) -> Part | CheckpointError:
-        """Stage k's part of the barrier after m, or why the store refused it (a lost stage still raises)."""
-        try:
-            part: Part = get(ref, k, m, self.actors.names[k])
-            return part
-        except CheckpointError as e:
-            return e
+        finally:
+            transport.abandon()
 
     def _wait(self, refs: list[Any], schedule: Schedule) -> None:
         """Until every ref is ready; meanwhile follow stop and checkpoint requests (they shape what follows)."""

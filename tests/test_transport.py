@@ -1,0 +1,177 @@
+"""Every stage-to-stage transport keeps the pipeline's promises: the sequential loop's weights bit for bit,
+barrier checkpoints, a stage's own error stopping the run once, and a lost stage recovered exactly once —
+for a compiled graph, by tearing the graph down and compiling it again over the replaced actors.
+
+The object-store transport is what tests/test_pipeline.py and tests/test_recovery.py run by default; here
+the compiled graph runs the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from support import (
+    Recorder,
+    count_tensors,
+    run_actors,
+    sequential,
+    setup,
+    state_differences,
+    tiny_config,
+    tiny_npz,
+)
+
+from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
+from pipeline.config import TrainConfig
+from pipeline.control import RunControl
+from pipeline.engines import transport
+from pipeline.engines.placement import StageActors
+from pipeline.engines.ray_engine import RayPipeline, run_ray
+from pipeline.errors import ConfigError, StageError
+
+pytestmark = pytest.mark.timeout(240)
+
+CG = "compiled-graph"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_npz(tmp_path_factory.mktemp("data"))
+
+
+def test_auto_picks_per_device_kind_and_a_bad_name_is_refused() -> None:
+    assert transport.resolve("auto", "cpu") in transport.TRANSPORTS
+    assert transport.resolve("auto", "cuda") in transport.TRANSPORTS
+    assert transport.resolve("object-store", "cuda") == "object-store"
+    with pytest.raises(ConfigError, match="--transport"):
+        transport.resolve("pigeon", "cpu")
+    with pytest.raises(ConfigError, match="--transport"):
+        TrainConfig(transport="pigeon")
+
+
+VARIANTS = {  # (overrides, stages, resume at)
+    "3-stages": ({}, 3, 0),
+    "2-layers-per-stage-resumed": ({"layers_per_stage": 2, "queue_depth": 3}, 2, 4),
+    "mlp-top-depth-1": ({"layers": "conv:8,conv:8,mlp:16", "queue_depth": 1}, 3, 0),
+}
+
+
+@pytest.mark.parametrize("variant", [v if v != "mlp-top-depth-1" else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
+def test_compiled_graph_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str) -> None:
+    overrides, stages, resume_at = VARIANTS[variant]
+    cfg = tiny_config(data, steps=10, transport=CG, **overrides)
+    spec, sampler = setup(cfg)
+    piped_calls, ref_calls = Recorder(), Recorder()
+    resume = None
+    if resume_at:
+        half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler)
+        resume = Checkpoint(resume_at, half, [Ledger([[0, resume_at]]) for _ in half])
+
+    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume).states
+    ref = sequential(cfg, sampler, ref_calls)
+
+    assert {r.stage for _, reports in piped_calls.calls for r in reports} == set(range(stages))
+    assert count_tensors(piped) == count_tensors(ref) > 3 * cfg.n_layers
+    assert state_differences(piped, ref) == []
+    assert piped_calls.steps == list(range(resume_at, cfg.steps))
+    assert piped_calls.layers() == ref_calls.layers()[resume_at:]
+
+
+def small(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:
+    fields: dict[str, Any] = {"layers": "conv:4,conv:4,conv:4", "size": 8, "clips": 4, "clip_len": 3,
+                              "steps": 16, "checkpoint_every": 3, "run_dir": str(tmp_path / "run"),
+                              "transport": CG}
+    fields.update(overrides)
+    return tiny_config(data, **fields)
+
+
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_npz(tmp_path_factory.mktemp("data8"), size=8)
+
+
+@pytest.mark.parametrize("how", ["ray.kill", pytest.param("SIGKILL", marks=pytest.mark.slow)])
+def test_a_lost_stage_tears_the_graph_down_and_rebuilds_it_exactly_once_and_bit_for_bit(
+        ray_local: str, data8: str, tmp_path: Path, how: str) -> None:
+    cfg = small(data8, tmp_path)
+    spec, sampler = setup(cfg)
+    store = CheckpointStore(str(tmp_path / "ck"), keep=cfg.keep_checkpoints)
+    with StageActors(cfg, spec) as actors:
+        assert isinstance(actors.transport, transport.CompiledGraphTransport)
+        pipe = RayPipeline(actors, store)
+        first = list(actors.handles)
+
+        def kill(m: int) -> None:
+            if m == 7:  # after checkpoint 6 is complete; stage 1 dies mid-graph
+                if how == "ray.kill":
+                    ray.kill(actors.handles[1])
+                else:
+                    import os
+                    import signal
+                    os.kill(ray.get(actors.handles[1].info.remote())["pid"], signal.SIGKILL)
+
+        calls = Recorder(kill)
+        pipe.train(sampler, 0, cfg.steps, calls)
+        states, ledgers = pipe.states(), pipe.ledgers()
+        compiles = actors.transport.compiles
+        replaced = [a is not b for a, b in zip(first, actors.handles, strict=True)]
+    assert pipe.recovery is not None and pipe.recovery.count == 1
+    assert compiles == 2 and replaced[1]  # torn down, the dead stage replaced, the graph compiled again
+    assert calls.steps == list(range(cfg.steps))
+    assert all(lg.exactly_once(cfg.steps) for lg in ledgers), ledgers
+    assert state_differences(states, sequential(cfg, setup(cfg)[1])) == []
+    final = store.load_latest()
+    assert final is not None and final.step == cfg.steps and all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
+    assert run_actors(pipe.actors.run_id) == []
+
+
+def test_a_stage_error_in_the_graph_stops_the_run_once(ray_local: str, data8: str, tmp_path: Path) -> None:
+    class NaNAt:
+        def __init__(self, sampler: Any) -> None:
+            self.sampler = sampler
+
+        def batch(self, m: int) -> Any:
+            b = self.sampler.batch(m)
+            return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == 4 else b
+
+    cfg = small(data8, tmp_path, steps=8, checkpoint_every=2)
+    spec, sampler = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        pipe = RayPipeline(actors, CheckpointStore(str(tmp_path / "ck")))
+        with pytest.raises(StageError, match="micro-batch 4: FloatingPointError") as info:
+            pipe.train(NaNAt(sampler), 0, cfg.steps, Recorder())  # type: ignore[arg-type]
+        assert type(info.value) is StageError and pipe.recovery is not None and pipe.recovery.count == 0
+
+
+def test_barriers_in_the_graph_checkpoint_a_stop_and_resume_equals_the_uninterrupted_run(
+        ray_local: str, data8: str, tmp_path: Path) -> None:
+    cfg = small(data8, tmp_path, steps=14, checkpoint_every=0)
+    spec, sampler = setup(cfg)
+    store = CheckpointStore(str(tmp_path / "ck"), keep=5)
+    control = RunControl()
+
+    def hook(m: int) -> None:
+        if m == 2:
+            control.request_checkpoint()
+        if m == 6:
+            control.request_stop()
+
+    stopped = run_ray(cfg, spec, sampler, Recorder(hook), store=store, control=control).stopped_at
+    assert stopped is not None and 7 <= stopped < cfg.steps
+    complete = store.complete()
+    assert complete[0] == 0 and complete[-1] == stopped and len(complete) == 3, complete  # init, requested, stop
+    ckpt = store.load_latest()
+    assert ckpt is not None and all(lg.exactly_once(stopped) for lg in ckpt.ledgers)
+    # The barriers hold the sequential loop's state at their step, bit for bit.
+    assert state_differences(ckpt.learners, sequential(dataclasses.replace(cfg, steps=stopped), sampler)) == []
+    calls = Recorder()
+    resumed = run_ray(cfg, spec, sampler, calls, resume=ckpt, store=store).states
+    assert calls.steps == list(range(stopped, cfg.steps))
+    assert state_differences(resumed, sequential(cfg, sampler)) == []
