@@ -77,7 +77,8 @@ def train(cfg: TrainConfig, progress: bool = True, handle_signals: bool = False,
 
 
 def resume(run_dir: str, progress: bool = True, handle_signals: bool = False,
-           control: RunControl | None = None, given: dict[str, Any] | None = None) -> Outcome:
+           control: RunControl | None = None, given: dict[str, Any] | None = None,
+           source: Source | None = None) -> Outcome:
     """Continue the run in `run_dir` from its last complete checkpoint, with the run's own config.
 
     `given`: settings the user gave with the resume (field name -> value). `steps` changes the run's length;
@@ -104,7 +105,7 @@ def resume(run_dir: str, progress: bool = True, handle_signals: bool = False,
         raise ConfigError(f"--steps {steps}: {run_dir} has already applied {checkpoint.step} micro-batches")
     else:
         logger.info("resuming %s at micro-batch %d of %d", run_dir, checkpoint.step, steps)
-    return _run(cfg, checkpoint, progress, handle_signals, control)
+    return _run(cfg, checkpoint, progress, handle_signals, control, source)
 
 
 def _run(cfg: TrainConfig, checkpoint: Checkpoint | None, progress: bool, handle_signals: bool,

@@ -559,3 +559,69 @@ def test_lamina_serve_and_push_from_the_command_line(tmp_path: Path) -> None:
     assert final is not None and final.step >= 20
     assert all(lg.exactly_once(final.step) for lg in final.ledgers)
     assert not (run_dir / "ingest.json").exists()
+
+
+@pytest.mark.slow  # a minute: two `lamina serve` processes, each starting its own Ray
+def test_a_killed_serve_driver_resumes_from_its_log(tmp_path: Path) -> None:
+    """SIGKILL the `lamina serve` driver mid-stream; `lamina serve --resume` replays the micro-batches its log
+    holds beyond the last checkpoint, then trains on new frames: every ledger shows each micro-batch once."""
+    import json
+    import signal
+
+    from pipeline.checkpoints import CheckpointStore
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "videos.npz"
+    np.savez(data, frames=np.random.default_rng(0).integers(0, 256, (6, 40, 8, 8), dtype=np.uint8),
+             labels=np.arange(6))
+    env = {**os.environ, "LAMINA_INGEST_TOKEN": TOKEN}
+    run_dir = tmp_path / "run"
+    flags = ["--layers", "conv:4,conv:4", "--size", "8", "--clips", "4", "--clip-len", "3", "--checkpoint-every",
+             "10", "--channels", "1", "--buffer-clips", "4"]
+
+    def serve(*extra: str) -> subprocess.Popen:
+        (run_dir / "ingest.json").unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", *extra], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not _until(lambda: (run_dir / "ingest.json").is_file() or proc.poll() is not None, timeout=120):
+            proc.kill()
+        assert (run_dir / "ingest.json").is_file(), proc.communicate()[1][-3000:]
+        return proc
+
+    def push(proc: subprocess.Popen, prefix: str) -> subprocess.Popen:
+        address = json.loads((run_dir / "ingest.json").read_text())["address"]
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "push", f"npz:{data}", "--to", address,
+                                 "--size", "8", "--loops", "50", "--prefix", prefix], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    first = serve(*flags, "--steps", "100000", "--run-dir", str(run_dir))
+    producer = push(first, "a")
+    try:
+        assert _until(lambda: (store.latest_complete() or 0) >= 20, timeout=120), store.steps()
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    finally:
+        for p in (first, producer):
+            if p.poll() is None:
+                p.kill()
+        producer.wait(timeout=60)
+    logged = sorted(int(p.name[3:12]) for p in (run_dir / "checkpoints" / "ingest-wal").glob("mb-*.state"))
+    latest = store.latest_complete()
+    assert latest is not None and logged and logged[-1] >= latest, (latest, logged)  # admitted, not checkpointed
+    steps = latest + 30
+    second = serve("--resume", str(run_dir), "--steps", str(steps))
+    producer = push(second, "b")
+    try:
+        _, err = second.communicate(timeout=180)
+    finally:
+        for p in (second, producer):
+            if p.poll() is None:
+                p.kill()
+        producer.wait(timeout=60)
+    assert second.returncode == 0, err[-3000:]
+    replayed = [m for m in logged if m >= latest]
+    assert f"ingest log: micro-batches {logged[0]}..{logged[-1]} written before the restart" in err
+    final = store.load_latest()
+    assert final is not None and final.step == steps and all(lg.exactly_once(steps) for lg in final.ledgers)
+    assert len(replayed) >= 1

@@ -79,7 +79,7 @@ def to_frame(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
     (area averaging when shrinking, bilinear when enlarging; pipeline/sources/videos.py)."""
     x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float()  # a copy: RAW pixels are read-only
     if x.shape[0] != channels:
-        x = x.mean(0, keepdim=True) if channels == 1 else x.expand(channels, -1, -1)
+        x = x.mean(0, keepdim=True) if channels == 1 else x.repeat(channels, 1, 1)
     h, w = x.shape[1:]
     if (h, w) != (size, size):
         shrink = min(h, w) >= size

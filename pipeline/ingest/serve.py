@@ -19,7 +19,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline import storage
 from pipeline.config import TrainConfig
@@ -126,15 +126,27 @@ class Ingest:
         self.source.truncate()  # what the run's final checkpoint covers
 
 
-def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True) -> Outcome:
-    """Train `cfg` on the live ingest until --steps micro-batches or a stop; the run's Outcome."""
-    from pipeline.run import train
+def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True, resume_dir: str | None = None,
+          given: dict[str, Any] | None = None) -> Outcome:
+    """Train `cfg` on the live ingest until --steps micro-batches or a stop; the run's Outcome. With
+    `resume_dir`, continue that serve run instead (its own config; `given`: the flags given, as for
+    `lamina train --resume`): the micro-batches its log holds beyond the checkpoint are replayed first,
+    then the ingest takes new frames ([Note: the ingest write-ahead log])."""
+    from pipeline.run import resume, train
 
+    if resume_dir is not None:
+        cfg = dataclasses.replace(RunDir(resume_dir).config(), run_dir=resume_dir)
+        if not cfg.data.startswith("live:"):
+            raise ConfigError(f"--resume {resume_dir} is a run of --data {cfg.data}, not a lamina serve run: "
+                              f"continue it with lamina train --resume")
+        channels = dict(kv.partition("=")[::2] for kv in cfg.data[5:].split(",")).get("channels", "3")
+        opts = dataclasses.replace(opts, channels=int(channels))  # the network's input, as the run trained it
     if cfg.engine != "ray":
         logger.info("lamina serve with --engine %s: the live ingest feeds it like the Ray pipeline", cfg.engine)
     if storage.is_uri(cfg.run_dir):
         raise ConfigError("lamina serve keeps RUN_DIR/ingest.json next to the run: give --run-dir as a path")
-    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or default_run_dir(), data=f"live:{opts.listen}")
+    if resume_dir is None:
+        cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or default_run_dir(), data=f"live:channels={opts.channels}")
     token = read_token(opts.token_file)
     made = token is None
     token = token or secrets.token_urlsafe(32)
@@ -150,6 +162,9 @@ def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True) -> 
     print(f"ingest listening on {ingest.server.address} (run {cfg.run_dir}; "
           f"{'token in ' + str(Path(cfg.run_dir) / INGEST_FILE) if made else 'token as given'})", flush=True)
     try:
+        if resume_dir is not None:
+            return resume(resume_dir, handle_signals=handle_signals, control=control, given=given,
+                          source=ingest.source)
         return train(cfg, handle_signals=handle_signals, control=control, source=ingest.source)
     finally:
         ingest.stop()
