@@ -451,9 +451,7 @@ def _fast_producer_into_a_slow_pipeline(client: Any, tmp_path: Path, seconds: fl
     assert max(wal[len(wal) // 2:]) <= max(max(wal[:len(wal) // 2]), 8 * cfg.checkpoint_every), wal
     assert samples[-1][1]["micro_batches"] > 2 * max(wal), wal
     taken = ingest.stats.frames_in
-    trained = sum(len(v) for v in (ingest.source.assignments or {}).values())
-    assert taken > trained * (cfg.clip_len - 1)  # the producers outran training ...
-    assert sent[0] - taken < 10_000  # ... and were slowed down, not buffered (a few flow-control windows)
+    assert sent[0] - taken < 10_000  # the producers were slowed down, not buffered (a few flow-control windows)
     rss = [r for r, _ in samples]
     half = len(rss) // 2
     print(f"fast producer, {seconds:g} s: {len(samples)} micro-batches, {taken} frames taken ({sent[0]} sent), "
