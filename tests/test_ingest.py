@@ -29,7 +29,7 @@ import psutil
 import pytest
 import ray
 import torch
-from support import Recorder, state_differences, tiny_config
+from support import Recorder, state_differences, tiny_config, wait_until
 
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
@@ -623,3 +623,38 @@ def test_a_killed_serve_driver_resumes_from_its_log(tmp_path: Path) -> None:
     final = store.load_latest()
     assert final is not None and final.step == steps and all(lg.exactly_once(steps) for lg in final.ledgers)
     assert len(replayed) >= 1
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------
+
+
+def test_the_ingest_gauges_reach_prometheus(ray_local: str, client: Any, tmp_path: Path) -> None:
+    """The ingest's numbers are Ray gauges like the stages' (`ray_lamina_ingest_*`, tagged with the run)."""
+    import re
+    import urllib.request
+
+    pb, _ = client
+    cfg = config(tmp_path)
+    ingest = start_ingest(cfg)
+    run = Path(cfg.run_dir).name
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    series: dict[str, float] = {}
+
+    def scrape() -> bool:
+        with urllib.request.urlopen(url, timeout=5) as page:
+            text = page.read().decode()
+            for name, tags, value in re.findall(r"^ray_lamina_ingest_(\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+                if f'run="{run}"' in tags:
+                    series[name] = float(value)
+        return series.get("rejected_frames") == 2 and series.get("buffered_clips") == 2
+
+    try:
+        frames = [*stream_frames(pb, "a", 5, seed=0), raw(pb, "a", 1, video(1, 0)[0]), raw(pb, "a", 2, video(1, 0)[0])]
+        reply = stub(client, ingest.server.address).Push(iter(frames), metadata=AUTH)
+        found = wait_until(scrape, timeout=40, every=1.0)
+    finally:
+        ingest.stop()
+    assert reply.accepted == 5 and reply.rejected == 2
+    assert found, series
+    assert {"frames_per_s", "lag_s", "buffered_bytes", "wal_bytes", "wal_micro_batches", "dropped_frames"} <= set(series)
