@@ -658,3 +658,22 @@ def test_the_ingest_gauges_reach_prometheus(ray_local: str, client: Any, tmp_pat
     assert reply.accepted == 5 and reply.rejected == 2
     assert found, series
     assert {"frames_per_s", "lag_s", "buffered_bytes", "wal_bytes", "wal_micro_batches", "dropped_frames"} <= set(series)
+
+
+def test_push_sends_every_frame_of_a_video_folder(shared_data: Path) -> None:
+    """`lamina push video:DIR` streams each video whole, decoded a segment at a time, in order."""
+    from pipeline.ingest.push import streams_of
+    from pipeline.sources.video import open_videos
+
+    spec = f"{shared_data / 'video' / 'asl_gestures'},labels=stem"
+    streams = streams_of(f"video:{spec}", 16)
+    opened = open_videos(spec, 16)
+    assert [len(s.frames) for s in streams] == opened.catalog.lengths.tolist() and len(streams) == 20
+    last = len(streams[3].frames) - 1
+    whole = np.stack([streams[3].frames[i] for i in range(last + 1)])  # in order, as a push reads them
+    assert whole.shape == (last + 1, 16, 16, 3) and whole.dtype == np.uint8
+    piece = opened.reader.pieces(3, last, last + 1)[0]
+    assert np.array_equal(whole[last], dict(opened.reader.load(piece.key))[piece.key].frames[piece.lo])
+    (one,) = streams_of(f"video:{spec}", 16, one_stream=True)
+    assert len(one.frames) == sum(opened.catalog.lengths) and np.array_equal(one.frames[len(streams[0].frames)],
+                                                                              streams[1].frames[0])

@@ -1,8 +1,8 @@
 """`lamina push`: send a data spec's videos to a `lamina serve` run as live streams — the handy client.
 
-Any spec pipeline.sources loads (npz:, parquet:, video:, moving-mnist:, synthetic) becomes one stream per
-sequence, pushed by concurrent Push calls, or, with `one_stream`, a single stream that plays the sequences
-one after another. At `fps` each stream is paced like a camera (capture time = when the frame is sent);
+Any spec pipeline.sources reads (npz:, parquet:, video:, moving-mnist:, synthetic) becomes one stream per
+sequence (a video file, an image sequence, a dataset's video: every frame of it), pushed by concurrent Push
+calls, or, with `one_stream`, a single stream that plays the sequences one after another. At `fps` each stream is paced like a camera (capture time = when the frame is sent);
 without, frames go as fast as the server takes them (its flow control slows the client when training is
 behind). The token comes from a file or an environment variable, never from the command line.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,23 +31,72 @@ ENCODINGS = {"raw": pb.RAW, "png": pb.PNG, "jpeg": pb.JPEG}
 
 @dataclass(frozen=True)
 class Stream:
-    """One stream to push: its id and frames (L, H, W, C) uint8 with labels (L,)."""
+    """One stream to push: its id, its frames (a sequence of (H, W, C) uint8 arrays, read in order) and a
+    label per frame (-1: none)."""
 
     name: str
-    frames: np.ndarray
+    frames: Sequence[np.ndarray]
     labels: np.ndarray
 
 
-def streams_of(spec: str, size: int, one_stream: bool = False, prefix: str = "") -> list[Stream]:
-    """The sequences of a data spec as streams (uint8 at size x size)."""
-    from pipeline.sources import load_videos
+class _Decoded(Sequence[np.ndarray]):
+    """The frames of one video of a `video:` or `parquet:` spec, decoded one segment at a time as they are
+    read in order (pipeline/sources/streaming.py's Reader): a long video never sits in memory whole."""
 
-    videos = load_videos(spec, size, "train")
-    frames = (videos.frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()  # N L H W C
-    labels = videos.labels.numpy()
+    def __init__(self, reader: Any, video: int, length: int) -> None:
+        self.reader, self.video, self.length = reader, video, length
+        self._segment: tuple[Any, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: Any) -> Any:
+        piece = self.reader.pieces(self.video, i, i + 1)[0]
+        if self._segment is None or self._segment[0] != piece.key:
+            self._segment = (piece.key, dict(self.reader.load(piece.key))[piece.key].frames)
+        return self._segment[1][piece.lo]
+
+
+class _Chain(Sequence[np.ndarray]):
+    """Several streams' frames one after another, as one."""
+
+    def __init__(self, parts: list[Sequence[np.ndarray]]) -> None:
+        self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: Any) -> Any:
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[k][i - (int(self.ends[k - 1]) if k else 0)]
+
+
+def streams_of(spec: str, size: int, one_stream: bool = False, prefix: str = "") -> list[Stream]:
+    """The sequences of a data spec as streams: one per video (or sequence), or with `one_stream` a single
+    stream playing them one after another. `video:` and `parquet:` are decoded as they are pushed, every
+    frame of every video; the other specs are loaded (at size x size)."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("video", "parquet"):
+        if kind == "video":
+            from pipeline.sources.video import open_videos
+
+            opened: Any = open_videos(arg, size)
+        else:
+            from pipeline.sources.parquet import open_dataset
+
+            opened = open_dataset(arg)
+        lengths, labels = opened.catalog.lengths, opened.catalog.labels
+        parts: list[Sequence[np.ndarray]] = [_Decoded(opened.reader, v, int(n)) for v, n in enumerate(lengths)]
+        per_frame = [np.full(int(n), int(label), np.int64) for n, label in zip(lengths, labels, strict=True)]
+    else:
+        from pipeline.sources import load_videos
+
+        videos = load_videos(spec, size, "train")
+        frames = (videos.frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+        parts, per_frame = list(frames), list(videos.labels.numpy())
     if one_stream:
-        return [Stream(f"{prefix}all", frames.reshape(-1, *frames.shape[2:]), labels.reshape(-1))]
-    return [Stream(f"{prefix}{i}", frames[i], labels[i]) for i in range(len(frames))]
+        return [Stream(f"{prefix}all", _Chain(parts), np.concatenate(per_frame))]
+    return [Stream(f"{prefix}{i}", part, lab) for i, (part, lab) in enumerate(zip(parts, per_frame, strict=True))]
 
 
 def encode(pixels: np.ndarray, encoding: str, quality: int = 90) -> pb.Frame:
