@@ -20,6 +20,7 @@ from workers.objectives import OBJECTIVES
 ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
 TRANSPORTS = ("auto", "object-store", "compiled-graph")  # pipeline/engines/transport.py
+BALANCES = ("even", "auto")  # pipeline/engines/balance.py
 
 
 def flag(default: Any, help: str, *, parse: Any = None, choices: tuple[str, ...] | None = None,
@@ -92,6 +93,9 @@ class TrainConfig:
     layers_per_stage: int = flag(1, "consecutive layers per stage actor (when layers outnumber devices)",
                                  section="ray")
     queue_depth: int = flag(2, "bounded channel depth between stages, in micro-batches", section="ray")
+    balance: str = flag("even", "which layers each stage holds: even (--layers-per-stage each) or auto (as many "
+                        "stages, split by each layer's step time, measured before the run starts)",
+                        choices=BALANCES, section="ray")
     transport: str = flag("object-store", "how activations travel between stages: object-store (a Ray call "
                           "per step, output references chained), compiled-graph (a Ray Compiled Graph: "
                           "shared-memory channels on the cpu, NCCL on GPUs) or auto (the one measured best "
@@ -163,6 +167,7 @@ class TrainConfig:
             (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
+            (self.balance in BALANCES, f"--balance must be one of {list(BALANCES)}", self.balance),
             (self.transport in TRANSPORTS, f"--transport must be one of {list(TRANSPORTS)}", self.transport),
             (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
             (self.gpus_per_stage is None or self.gpus_per_stage >= 0, "--gpus-per-stage must be >= 0",

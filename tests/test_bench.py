@@ -41,6 +41,11 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert set(memory) == {"layers 0-0", "layers 1-1", "e2e 0-1"}  # (tiny layers: peaks within allocator slack)
     assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
     assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
+    assert all(h["ms"]["compiled-graph"] > h["ms"]["memcpy"] for h in res["hops"])
+    # The engine's transports side by side, in the same repeats as the headline.
+    assert set(res["by_transport"]) == {"object-store", "compiled-graph"}
+    assert all(v["rate"] > 0 for v in res["by_transport"].values())
+    assert "## Transports side by side" in table
 
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["headline"]["rate"] == pytest.approx(head["rate"])

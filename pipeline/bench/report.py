@@ -35,6 +35,36 @@ def format_tables(res: dict[str, Any]) -> str:
     c = h["cores"]
     lines.append(f"| cores busy during the pipeline: stages / driver / Ray / other / machine | "
                  f"{c['stages']:.2f} / {c['driver']:.2f} / {c['ray']:.2f} / {c['other']:.2f} / {c['machine']:.2f} | |")
+    if res.get("by_transport"):
+        from pipeline.engines.transport import AUTO
+
+        lines += ["", "## Transports side by side (the headline's S and B, the same repeats, interleaved)", "",
+                  ("| --transport | mb/s (repeats) | efficiency | bottleneck busy fraction | vs sequential 1t | "
+                   f"vs sequential {cores}t |"), "|---|---|---|---|---|---|"]
+        for t, v in res["by_transport"].items():
+            lines.append(f"| {t} | {v['rate']:.2f} ({', '.join(f'{x:.2f}' for x in v['rates'])}) | "
+                         f"{v['efficiency']:.2f} | {v['bottleneck_busy_fraction']:.2f} | "
+                         f"{v['vs_sequential']['sequential 1t']:.2f}x | {v['vs_sequential'][f'sequential {cores}t']:.2f}x |")
+        best = max(res["by_transport"], key=lambda t: res["by_transport"][t]["rate"])
+        lines.append(f"\nFastest here: {best}; `--transport auto` picks {AUTO['cpu']} on the cpu "
+                     f"(pipeline/engines/transport.py).")
+    if res.get("balance"):
+        bl = res["balance"]
+
+        def _ranges(rs: list[list[int]]) -> str:
+            return " | ".join(",".join(str(k + 1) for k in range(a, b)) for a, b in rs)
+
+        lines += ["", "## Balance: layers per stage by measured step time (--balance auto)", "",
+                  f"Layer step times alone (ms, 1 thread): {' / '.join(f'{t * 1e3:.1f}' for t in bl['per_layer_s'])}.",
+                  "", ("| split | layers per stage | slowest / mean stage | stage t_iso (ms) | mb/s | "
+                  f"vs sequential 1t | vs sequential {cores}t |"), "|---|---|---|---|---|---|---|",
+                  (f"| even (--layers-per-stage) | {_ranges(bl['even'])} | {bl['even_imbalance']:.2f} | "
+                   f"{' / '.join(f'{t * 1e3:.0f}' for t in bl['even_t_iso_s'])} | {bl['even_rate']:.2f} | "
+                   f"{h['vs_sequential']['sequential 1t']:.2f}x | {h['vs_sequential'][f'sequential {cores}t']:.2f}x |"),
+                  (f"| balanced (--balance auto) | {_ranges(bl['balanced'])} (the run: {_ranges(bl['balanced_in_run'])})"
+                   f" | {bl['balanced_imbalance']:.2f} | {' / '.join(f'{t * 1e3:.0f}' for t in bl['balanced_t_iso_s'])}"
+                   f" | {bl['balanced_rate']:.2f} | {bl['balanced_vs_sequential']['sequential 1t']:.2f}x | "
+                   f"{bl['balanced_vs_sequential'][f'sequential {cores}t']:.2f}x |")]
     lines += ["", f"## Scaling (one run each; {cores} cores: S > {cores} is oversubscribed)", "",
               ("| S | B | mb/s | stage t_iso (ms) | efficiency | vs ideal | vs sequential "
               f"{cores}t | vs sequential 1t | vs e2e {cores}t |"), "|---|---|---|---|---|---|---|---|---|"]

@@ -35,6 +35,7 @@ its backward keeps, the input. Same for end-to-end backprop of the whole network
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -75,7 +76,11 @@ class BenchConfig:
     queue_depth: int = 2  # the pipeline's channel depth
     hop_sizes: tuple[int, ...] = SIZES  # activation sizes of the per-hop measurement
     hop_rounds: int = 8  # measured hops per size and transport
-    transports: tuple[str, ...] = ("numpy-ref",)  # the engine's transport; the full bench adds the others
+    transports: tuple[str, ...] = ("numpy-ref", "compiled-graph")  # per-hop: the engine's transports; full adds all
+    # --transport values the headline pipeline runs with, side by side in every repeat (the first is the
+    # headline's own numbers)
+    pipeline_transports: tuple[str, ...] = ("object-store", "compiled-graph")
+    balance: bool = True  # also run the headline's S split by measured layer times (--balance auto)
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)  # threads of the in-process baselines
     sources: SourceBenchConfig | None = None  # the source throughput section (pipeline/bench/sources.py); None: off
@@ -121,10 +126,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     sources: dict[int, Source] = {}  # one per micro-batch size: any data spec, streamed ones too
     total = cfg.warmup + cfg.steps + 1
 
-    def train_cfg(clips: int, engine: str, stages: int = 1) -> TrainConfig:
+    def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = "object-store") -> TrainConfig:
         return TrainConfig(data=cfg.data, layers=cfg.layers, clips=clips, clip_len=cfg.clip_len, size=cfg.size,
                            steps=total, engine=engine, layers_per_stage=n_layers // stages,
-                           queue_depth=cfg.queue_depth, cpus_per_stage=1.0)
+                           queue_depth=cfg.queue_depth, cpus_per_stage=1.0, transport=transport)
 
     def sampler(clips: int) -> Source:
         if clips not in sources:
@@ -164,20 +169,48 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     iso_probe = actor(StageProbe)(cfg, spec, b_head, 1)
     corun_probes = [iso_probe, *(actor(StageProbe)(cfg, spec, b_head, 1) for _ in head_split[1:])]
     runs: list[dict[str, Any]] = []
-    with StageActors(train_cfg(b_head, "ray", s_head), spec) as actors:
-        pipe = RayPipeline(actors)
+    with contextlib.ExitStack() as stack:  # one set of stage actors per transport, all alive, used in turn
+        pipes = {t: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t), spec)))
+                 for t in cfg.pipeline_transports}
         for r in range(cfg.repeats):
             progress(f"headline S={s_head}, B={b_head}: repeat {r + 1}/{cfg.repeats}")
             alone = [ray.get(iso_probe.measure.remote(rng)) for rng in head_split]  # one after the other
             run: dict[str, Any] = {"t_iso_s": [g["step_s"] for g in alone], "cpu_iso_s": [g["cpu_s"] for g in alone]}
-            run["pipeline"] = pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
+            run["pipelines"] = {t: pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
+                                for t, pipe in pipes.items()}
+            run["pipeline"] = run["pipelines"][cfg.pipeline_transports[0]]
             run["corun_s"] = [g["step_s"] for g in ray.get(
                 [p.measure.remote(rng, False, 2, cfg.steps) for p, rng in zip(corun_probes, head_split, strict=True)])]
             run["baselines"] = baselines(b_head)
             runs.append(run)
+    results["headline"] = _headline(runs, s_head, b_head, cfg.cores)
+    results["by_transport"] = {t: _headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
+                                            cfg.cores) for t in cfg.pipeline_transports}
+    # 2b. Balance: the headline's S by measured layer times (--balance auto) against the even split, with the
+    # slowest / mean stage of each, and one pipeline run of the balanced split (its own actors, measured right
+    # after the even split's last repeat).
+    if cfg.balance:
+        from pipeline.engines.balance import imbalance, partition_by_cost
+
+        progress(f"balance S={s_head}, B={b_head}")
+        per_layer = [g["step_s"] for g in ray.get([iso_probe.measure.remote((k, k + 1)) for k in range(n_layers)])]
+        balanced = partition_by_cost(per_layer, s_head)
+        t_bal = [g["step_s"] for g in ray.get([iso_probe.measure.remote(r) for r in balanced])]
+        bal_cfg = dataclasses.replace(train_cfg(b_head, "ray", s_head, cfg.pipeline_transports[0]), balance="auto")
+        with StageActors(bal_cfg, spec) as actors:
+            bal_run = pipeline_run(RayPipeline(actors), sampler(b_head), 0, cfg.warmup, cfg.steps)
+            ranges_run = list(actors.ranges)
+        base = results["headline"]["baselines"]
+        results["balance"] = {
+            "per_layer_s": per_layer, "even": head_split, "balanced": balanced, "balanced_in_run": ranges_run,
+            "even_imbalance": imbalance(per_layer, head_split), "balanced_imbalance": imbalance(per_layer, balanced),
+            "even_t_iso_s": results["headline"]["t_iso_s"], "balanced_t_iso_s": t_bal,
+            "even_rate": results["headline"]["rate"], "balanced_rate": bal_run["rate"],
+            "balanced_efficiency": bal_run["rate"] * max(t_bal),
+            "balanced_busy_fraction": max(bal_run["busy_fraction"]),
+            "balanced_vs_sequential": {k: bal_run["rate"] / v for k, v in base.items() if k.startswith("sequential")}}
     for p in corun_probes:
         ray.kill(p)
-    results["headline"] = _headline(runs, s_head, b_head, cfg.cores)
     results["headline_runs"] = runs
 
     # 3. Scaling over S and B (one run each, isolation times from step 1; the headline's S and B reuse its

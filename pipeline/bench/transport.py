@@ -13,6 +13,9 @@ machine, median over rounds after warm-up. Transports:
   torch-ref     the same with a torch tensor: pickled by value, so copied in and copied out again
   queue         numpy array put by value on a ray.util.queue.Queue (itself an actor: the item is
                 deserialised and re-serialised inside it) and taken by the consumer
+  compiled-graph  numpy array from producer to consumer through a Ray Compiled Graph's shared-memory channel
+                (the engine's --transport compiled-graph): no per-call RPC, no object store; the driver
+                starts each round by writing the size into the graph's input channel
   memcpy        numpy copy of the same bytes in one process: the floor any transport is measured against
   memcpy-new    the same copy into a newly allocated array: with the page faults of first-touched memory
 """
@@ -36,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 KB, MB = 1024, 1024 * 1024
 SIZES = (64 * KB, 1 * MB, 16 * MB, 64 * MB)
-TRANSPORTS = ("numpy-ref", "torch-ref", "queue")
+TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "compiled-graph")
+ENGINE_TRANSPORTS = {"numpy-ref": "object-store", "compiled-graph": "compiled-graph"}  # hop -> --transport
 
 
 class _Producer:
@@ -55,6 +59,10 @@ class _Producer:
         out = torch.from_numpy(x) if as_torch else x
         return out, time.time()  # serialisation happens after this: it is part of the hop
 
+    def emit_stamped(self, nbytes: int) -> tuple[np.ndarray, float]:
+        x = self._payload(nbytes)
+        return x, time.time()  # the channel write happens after this: it is part of the hop
+
     def put(self, queue: Any, nbytes: int) -> None:
         x = self._payload(nbytes)
         queue.put((x, time.time()))
@@ -65,6 +73,12 @@ class _Consumer:
         now = time.time()
         assert x.shape[0] > 0
         return now
+
+    def take_stamped(self, msg: tuple[np.ndarray, float]) -> tuple[float, float]:
+        now = time.time()
+        x, sent = msg
+        assert x.shape[0] > 0
+        return sent, now
 
     def take_from(self, queue: Any) -> tuple[float, float]:
         x, sent = queue.get()
@@ -91,13 +105,23 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
     producer: Any = ray.remote(num_cpus=0)(_Producer).remote()
     consumer: Any = ray.remote(num_cpus=0)(_Consumer).remote()
     queue = Queue(maxsize=1)
+    graph = None
+    if "compiled-graph" in transports:
+        from ray.dag import InputNode
+
+        with InputNode() as size:
+            dag = consumer.take_stamped.bind(producer.emit_stamped.bind(size))
+        graph = dag.experimental_compile(_buffer_size_bytes=max(sizes) + MB)
     rows = []
     for nbytes in sizes:
         ms: dict[str, float] = {}
         for transport in transports:
             hops = []
             for r in range(warmup + rounds):
-                if transport == "queue":
+                if transport == "compiled-graph":
+                    assert graph is not None
+                    sent, received = graph.execute(nbytes).get(timeout=-1)
+                elif transport == "queue":
                     got = consumer.take_from.remote(queue)  # waiting on the queue before the put
                     ray.get(producer.put.remote(queue, nbytes))
                     sent, received = ray.get(got)
@@ -112,6 +136,8 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
         ms["memcpy-new"] = 1000 * _memcpy(nbytes, rounds, fresh=True)
         rows.append(HopRow(nbytes, ms))
         logger.info("%s: %s", _size(nbytes), ms)
+    if graph is not None:
+        graph.teardown(kill_actors=True)
     for actor in (producer, consumer):
         ray.kill(actor)
     queue.shutdown()

@@ -31,10 +31,10 @@ from typing_extensions import Self  # typing.Self from Python 3.11; typing_exten
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.engines.actors import get, stage_actor_class
+from pipeline.engines.balance import stage_ranges
 from pipeline.engines.transport import Transport, make_transport, resolve
 from pipeline.errors import ConfigError, PlacementError, StageLost
 from pipeline.rundir import checkpoint_location
-from pipeline.stage import partition
 from workers.learner import LearnerSpec
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,10 @@ class StageActors:
 
     def __init__(self, cfg: TrainConfig, spec: LearnerSpec) -> None:
         self.cfg, self.spec = cfg, spec
-        self.ranges = partition(len(spec.blocks), cfg.layers_per_stage)
+        self.ranges = stage_ranges(len(spec.blocks), cfg.layers_per_stage, cfg.balance, spec, cfg.clips,
+                                   cfg.clip_len, max(1, int(cfg.cpus_per_stage)))
+        if cfg.balance == "auto":
+            logger.info("--balance auto: stages hold layers %s", [[k + 1 for k in range(a, b)] for a, b in self.ranges])
         self.run_id = make_run_id(cfg.run_dir)
         self.names = [f"lamina-{self.run_id}-stage{k}" for k in range(len(self.ranges))]
         self.handles: list[Any] = []  # ActorHandle of each stage

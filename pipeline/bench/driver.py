@@ -1,0 +1,99 @@
+"""The driver at scale: its CPU per micro-batch, per transport, and where it becomes the bottleneck.
+
+    python -m pipeline.bench.driver [--stages 2,4,8] [--steps 150]
+
+Every micro-batch costs the driver work per stage: the object-store transport submits one actor call and
+takes one report per stage (two RPCs' worth of Python and core-worker work), the compiled-graph transport
+writes one message into the graph and reads one result per stage from shared memory. With stages that do
+almost nothing (a 4-unit MLP per layer on 4x4 frames), the driver's own CPU time (time.process_time of the
+driver process, steady state) per micro-batch is what it costs to drive S stages; a line through S gives
+the fixed part `a` and the part per stage `b`. The driver keeps up while rate x (a + b S) < 1 core, so the
+rate at which it becomes the bottleneck is 1 / (a + b S), printed for 8, 64 and 256 stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def driver_cost(stages: int, transport: str, steps: int, warmup: int, data: str) -> dict[str, float]:
+    """Driver CPU seconds and wall seconds per micro-batch for `stages` trivial stages."""
+    from pipeline.config import TrainConfig
+    from pipeline.engines.placement import StageActors
+    from pipeline.engines.ray_engine import RayPipeline
+    from pipeline.sources import open_source
+
+    layers = ",".join(["mlp:4"] * stages)
+    cfg = TrainConfig(data=data, layers=layers, size=4, clips=2, clip_len=2, steps=warmup + steps + 1,
+                      head=None, cpus_per_stage=0.01, transport=transport, checkpoint_every=0)
+    source = open_source(cfg.data, cfg.size, cfg.clips, cfg.clip_len, 0)
+    spec = cfg.learner_spec(source.frame_shape)
+    marks: dict[int, tuple[float, float]] = {}
+
+    def on_step(m: int, reports: list[Any]) -> None:
+        if m in (warmup, warmup + steps):
+            marks[m] = (time.process_time(), time.perf_counter())
+
+    with StageActors(cfg, spec) as actors:
+        RayPipeline(actors).train(source, 0, cfg.steps, on_step)
+    (c0, w0), (c1, w1) = marks[warmup], marks[warmup + steps]
+    return {"cpu_per_mb_s": (c1 - c0) / steps, "wall_per_mb_s": (w1 - w0) / steps}
+
+
+def fit(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares a + b S through (S, cost) points."""
+    s = np.array([p[0] for p in points], dtype=float)
+    c = np.array([p[1] for p in points], dtype=float)
+    b, a = np.polyfit(s, c, 1) if len(points) > 1 else (c[0] / s[0], 0.0)
+    return float(a), float(b)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.driver", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default="2,4,8", help="stage counts to measure")
+    parser.add_argument("--steps", type=int, default=150, help="steady-state micro-batches per measurement")
+    parser.add_argument("--transports", default="object-store,compiled-graph")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+
+    counts = [int(s) for s in args.stages.split(",")]
+    ray.init(address="local", num_cpus=max(2, max(counts)), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny.npz")
+        rng = np.random.default_rng(0)
+        np.savez(path, frames=rng.integers(0, 256, (4, 8, 4, 4), dtype=np.uint8), labels=np.arange(4))
+        rows = {}
+        for t in args.transports.split(","):
+            rows[t] = {s: driver_cost(s, t, args.steps, 10, f"npz:{path}") for s in counts}
+    ray.shutdown()
+    print("| transport | S | driver CPU per micro-batch (ms) | wall per micro-batch (ms) |")
+    print("|---|---|---|---|")
+    for t, by_s in rows.items():
+        for s, r in by_s.items():
+            print(f"| {t} | {s} | {r['cpu_per_mb_s'] * 1e3:.2f} | {r['wall_per_mb_s'] * 1e3:.2f} |")
+    print("\n| transport | fixed a (ms) | per stage b (ms) | driver-bound micro-batches/s at S = 8 / 64 / 256 |")
+    print("|---|---|---|---|")
+    for t, by_s in rows.items():
+        a, b = fit([(s, r["cpu_per_mb_s"]) for s, r in by_s.items()])
+        limits = " / ".join(f"{1 / (a + b * s):.0f}" if a + b * s > 0 else "n/a (the fit is noise)"
+                            for s in (8, 64, 256))
+        print(f"| {t} | {a * 1e3:.2f} | {b * 1e3:.3f} | {limits} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
