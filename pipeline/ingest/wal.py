@@ -47,13 +47,10 @@ class WriteAheadLog:
         self.fs, self.root = fs, f"{root.rstrip('/')}/{DIRECTORY}"
         self.fs.create_dir(self.root, recursive=True)
         self.sizes: dict[int, int] = {m: self._size(m) for m in self._listed()}  # m -> bytes, what is in the log
+        self.bytes = sum(self.sizes.values())  # kept as a number: other threads (Watch, gauges) read it
 
     def path(self, m: int) -> str:
         return f"{self.root}/mb-{m:09d}.state"
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.sizes.values())
 
     def append(self, m: int, record: dict) -> None:
         """Write micro-batch m durably (temporary name, then moved into place)."""
@@ -67,6 +64,7 @@ class WriteAheadLog:
             raise CheckpointError(f"ingest write-ahead log: could not write micro-batch {m} to {self.root}: "
                                   f"{e}") from e
         self.sizes[m] = len(data)
+        self.bytes += len(data)
 
     def read(self, m: int) -> dict:
         path = self.path(m)
@@ -88,7 +86,7 @@ class WriteAheadLog:
                 self.fs.delete_file(self.path(m))
             except FileNotFoundError:
                 pass
-            del self.sizes[m]
+            self.bytes -= self.sizes.pop(m)
         return len(gone)
 
     def span(self) -> str:
