@@ -677,3 +677,32 @@ def test_push_sends_every_frame_of_a_video_folder(shared_data: Path) -> None:
     (one,) = streams_of(f"video:{spec}", 16, one_stream=True)
     assert len(one.frames) == sum(opened.catalog.lengths) and np.array_equal(one.frames[len(streams[0].frames)],
                                                                               streams[1].frames[0])
+
+
+def test_raw_png_and_jpeg_frames_arrive_as_the_same_pixels(client: Any, tmp_path: Path) -> None:
+    """The same frames pushed RAW, as PNG (lossless: the same bytes) and as JPEG (close), grey RAW widened."""
+    from PIL import Image
+
+    pb, _ = client
+    ingest = start_ingest(config(tmp_path), buffer_clips=10)
+    y, x = np.mgrid[0:32, 0:32]  # a smooth 32x32 picture (JPEG keeps it close), resized to the run's 8x8
+    px = np.stack([x * 8, y * 8, (x + y) * 4], axis=-1).astype(np.uint8)
+
+    def jpeg(pixels: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=95, subsampling=0)
+        return out.getvalue()
+
+    try:
+        s = stub(client, ingest.server.address)
+        for stream, make in (("raw", lambda i: raw(pb, "raw", i, px)),
+                             ("png", lambda i: pb.Frame(stream="png", index=i, encoding=pb.PNG, data=png(px))),
+                             ("jpeg", lambda i: pb.Frame(stream="jpeg", index=i, encoding=pb.JPEG, data=jpeg(px))),
+                             ("grey", lambda i: raw(pb, "grey", i, px[..., :1]))):
+            assert s.Push(iter([make(i) for i in range(3)]), metadata=AUTH).streams[0].clips == 1, stream
+    finally:
+        ingest.stop()
+    clips = {c.stream: c.frames.astype(np.int16) for c in ingest.buffer._queue}
+    assert np.array_equal(clips["raw"], clips["png"]) and clips["raw"].shape == (3, 3, SIZE, SIZE)
+    assert np.abs(clips["jpeg"] - clips["raw"]).max() <= 4
+    assert np.array_equal(clips["grey"], np.repeat(clips["raw"][:, :1], 3, axis=1))
