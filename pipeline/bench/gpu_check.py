@@ -10,7 +10,11 @@
                     to the consumer holding a cuda tensor, median over rounds
     3. efficiency of S stages sharing the one GPU: the Ray engine with --gpus-per-stage 1/S (fractional
        GPUs: all S actors on the one device, separate CUDA contexts; its own schedule and placement)
-       against 1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency].
+       against 1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency], for
+       each --transport (object-store, compiled-graph) and, at S = 2, --balance auto.
+       The compiled-graph transport carries the stages' host (numpy) outputs through shared memory here
+       too: the NCCL path (device tensors between GPUs) is not built yet, so this measures its control
+       path on a GPU machine, not device-to-device transfer.
 
 Exits 2 with a message when no CUDA device is visible. Prints one table; `--json PATH` also writes it.
 """
@@ -101,7 +105,8 @@ def ray_hop(nbytes: int, rounds: int) -> float:
     return statistics.median(hops)
 
 
-def pipeline_rate(stages: int, clips: int, steps: int, warmup: int) -> float:
+def pipeline_rate(stages: int, clips: int, steps: int, warmup: int, transport: str = "object-store",
+                  balance: str = "even") -> float:
     """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (--gpus-per-stage 1/S):
     the engine's own placement, actors and schedule, nothing re-implemented."""
     from pipeline.config import TrainConfig
@@ -110,7 +115,7 @@ def pipeline_rate(stages: int, clips: int, steps: int, warmup: int) -> float:
 
     n = len(LAYERS.split(","))
     cfg = TrainConfig(layers=LAYERS, clips=clips, steps=warmup + steps + 1, layers_per_stage=n // stages,
-                      gpus_per_stage=1 / stages, checkpoint_every=0)
+                      gpus_per_stage=1 / stages, checkpoint_every=0, transport=transport, balance=balance)
     videos = load_videos(cfg.data, cfg.size, "train")
     sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
     ends: dict[int, float] = {}
@@ -163,12 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {nbytes / 2**20:.2f} MB | {h['d2d'] * 1e3:.3f} | {h['d2h2d'] * 1e3:.3f} | "
                      f"{h['ray-numpy'] * 1e3:.2f} |")
 
-    lines += ["", "| S (sharing the GPU) | mb/s | 1 / max t_iso | efficiency |", "|---|---|---|---|"]
-    rates = {}
+    lines += ["", "| S (sharing the GPU) | --transport | --balance | mb/s | 1 / max t_iso (even) | efficiency |",
+              "|---|---|---|---|---|---|"]
+    rates: dict[str, float] = {}
     for s, rs in splits.items():
-        rates[s] = pipeline_rate(s, args.clips, args.steps, 5)
         ideal = 1 / max(t_iso[r] for r in rs)
-        lines.append(f"| {s} | {rates[s]:.2f} | {ideal:.2f} | {rates[s] / ideal:.2f} |")
+        for transport in ("object-store", "compiled-graph"):
+            for balance in ("even", "auto") if s == 2 else ("even",):
+                key = f"S={s} {transport} {balance}"
+                rates[key] = pipeline_rate(s, args.clips, args.steps, 5, transport, balance)
+                lines.append(f"| {s} | {transport} | {balance} | {rates[key]:.2f} | {ideal:.2f} | "
+                             f"{rates[key] / ideal:.2f} |")
     lines.append(f"\ntook {time.perf_counter() - t0:.0f} s")
     print("\n".join(lines))
     if args.json:

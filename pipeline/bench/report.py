@@ -46,21 +46,21 @@ def format_tables(res: dict[str, Any]) -> str:
                          f"{v['efficiency']:.2f} | {v['bottleneck_busy_fraction']:.2f} | "
                          f"{v['vs_sequential']['sequential 1t']:.2f}x | {v['vs_sequential'][f'sequential {cores}t']:.2f}x |")
         best = max(res["by_transport"], key=lambda t: res["by_transport"][t]["rate"])
-        lines.append(f"\nFastest here: {best}; `--transport auto` picks {AUTO['cpu']} on the cpu "
-                     f"(pipeline/engines/transport.py).")
+        lines.append(f"\nFastest in this run: {best}; `--transport auto` picks {AUTO['cpu']} on the cpu "
+                     f"(pipeline/engines/transport.py says from which runs, and why).")
     if res.get("balance"):
         bl = res["balance"]
 
         def _ranges(rs: list[list[int]]) -> str:
-            return " | ".join(",".join(str(k + 1) for k in range(a, b)) for a, b in rs)
+            return " / ".join(",".join(str(k + 1) for k in range(a, b)) for a, b in rs)
 
-        lines += ["", "## Balance: layers per stage by measured step time (--balance auto)", "",
+        lines += ["", f"## Balance: layers per stage by measured step time (--balance auto; --transport {bl.get('transport', 'object-store')})", "",
                   f"Layer step times alone (ms, 1 thread): {' / '.join(f'{t * 1e3:.1f}' for t in bl['per_layer_s'])}.",
                   "", ("| split | layers per stage | slowest / mean stage | stage t_iso (ms) | mb/s | "
                   f"vs sequential 1t | vs sequential {cores}t |"), "|---|---|---|---|---|---|---|",
                   (f"| even (--layers-per-stage) | {_ranges(bl['even'])} | {bl['even_imbalance']:.2f} | "
                    f"{' / '.join(f'{t * 1e3:.0f}' for t in bl['even_t_iso_s'])} | {bl['even_rate']:.2f} | "
-                   f"{h['vs_sequential']['sequential 1t']:.2f}x | {h['vs_sequential'][f'sequential {cores}t']:.2f}x |"),
+                   f"{bl['even_rate'] / b['sequential 1t']:.2f}x | {bl['even_rate'] / b[f'sequential {cores}t']:.2f}x |"),
                   (f"| balanced (--balance auto) | {_ranges(bl['balanced'])} (the run: {_ranges(bl['balanced_in_run'])})"
                    f" | {bl['balanced_imbalance']:.2f} | {' / '.join(f'{t * 1e3:.0f}' for t in bl['balanced_t_iso_s'])}"
                    f" | {bl['balanced_rate']:.2f} | {bl['balanced_vs_sequential']['sequential 1t']:.2f}x | "

@@ -196,16 +196,19 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
         per_layer = [g["step_s"] for g in ray.get([iso_probe.measure.remote((k, k + 1)) for k in range(n_layers)])]
         balanced = partition_by_cost(per_layer, s_head)
         t_bal = [g["step_s"] for g in ray.get([iso_probe.measure.remote(r) for r in balanced])]
-        bal_cfg = dataclasses.replace(train_cfg(b_head, "ray", s_head, cfg.pipeline_transports[0]), balance="auto")
+        # With the transport that was fastest in the headline: the even row is its number from there.
+        best = max(results["by_transport"], key=lambda t: results["by_transport"][t]["rate"])
+        bal_cfg = dataclasses.replace(train_cfg(b_head, "ray", s_head, best), balance="auto")
         with StageActors(bal_cfg, spec) as actors:
             bal_run = pipeline_run(RayPipeline(actors), sampler(b_head), 0, cfg.warmup, cfg.steps)
             ranges_run = list(actors.ranges)
         base = results["headline"]["baselines"]
         results["balance"] = {
+            "transport": best,
             "per_layer_s": per_layer, "even": head_split, "balanced": balanced, "balanced_in_run": ranges_run,
             "even_imbalance": imbalance(per_layer, head_split), "balanced_imbalance": imbalance(per_layer, balanced),
             "even_t_iso_s": results["headline"]["t_iso_s"], "balanced_t_iso_s": t_bal,
-            "even_rate": results["headline"]["rate"], "balanced_rate": bal_run["rate"],
+            "even_rate": results["by_transport"][best]["rate"], "balanced_rate": bal_run["rate"],
             "balanced_efficiency": bal_run["rate"] * max(t_bal),
             "balanced_busy_fraction": max(bal_run["busy_fraction"]),
             "balanced_vs_sequential": {k: bal_run["rate"] / v for k, v in base.items() if k.startswith("sequential")}}

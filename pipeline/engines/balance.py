@@ -80,7 +80,9 @@ def imbalance(costs: Sequence[float], ranges: Sequence[Range]) -> float:
 def measure_layers(spec: LearnerSpec, clips: int, clip_len: int, threads: int = 1, warmup: int = 1,
                    steps: int = 3) -> list[float]:
     """Each layer's step time alone (median seconds), on `threads` torch threads, with inputs of the shape
-    the layer sees in a run of `clips` x `clip_len` frames. Seconds per layer: a few steps each."""
+    the layer sees in a run of `clips` x `clip_len` frames. Seconds per layer: a few steps each. Measured
+    where this process runs: on its GPU when it sees one (synchronised), else on its cpu; the driver of a
+    GPU cluster on a CPU-only head measures cpu times, whose proportions only approximate the GPUs'."""
     from workers.layers import normalise, output_shapes
     from workers.learner import LearnerStack
 
@@ -89,14 +91,18 @@ def measure_layers(spec: LearnerSpec, clips: int, clip_len: int, threads: int = 
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(0)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         out = []
         for k in range(len(spec.blocks)):
-            stack = LearnerStack.layer_local(spec, k, k + 1)
+            stack = LearnerStack.layer_local(spec, k, k + 1, device)
             x = normalise(torch.randn(clips * clip_len, *shapes[k], generator=gen)).view(clips, clip_len, *shapes[k])
+            x = x.to(device)
             times = []
             for i in range(warmup + steps):
                 t = time.perf_counter()
                 stack.step(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()  # the step's kernels are queued: time them, not their launch
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
             out.append(statistics.median(times))

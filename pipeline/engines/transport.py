@@ -47,10 +47,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("object-store", "compiled-graph")
-# `--transport auto`, per device kind: the transport with the lowest per-hop cost at >= 1 MB in `lamina bench`
-# on that kind of device (pipeline/bench/PERFLOG.md, "transports side by side"). cuda: Ray's Compiled Graphs
-# move device tensors over NCCL without a host copy (Ray's documentation; not measured here: no GPU lent).
-AUTO = {"cpu": "compiled-graph", "cuda": "compiled-graph"}
+# `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG,
+# "transports side by side"): the compiled graph ran S = 2 at 1.40x and 1.50x the object store's rate in two
+# runs, and at 0.50x in a third, when other processes held 0.8 of the 2 cores: its channels are polled, and
+# polling loses when the stages do not each have a core of their own. The object store never collapsed, so
+# it is the choice here; take `compiled-graph` where every stage (and the driver) has a core to itself. cuda:
+# not measured (no GPU lent), and the compiled graph's NCCL path is not built: the object store until
+# `python -m pipeline.bench.gpu_check` says otherwise.
+AUTO = {"cpu": "object-store", "cuda": "object-store"}
 TEARDOWN_S = 5  # how long a survivor's graph loop may take to stop before it is killed and replaced
 
 
