@@ -447,9 +447,12 @@ def _fast_producer_into_a_slow_pipeline(client: Any, tmp_path: Path, seconds: fl
     assert len(samples) >= 8, len(samples)
     assert max(snap["buffered_clips"] for _, snap in samples) <= 8
     assert any(snap["buffered_clips"] == 8 for _, snap in samples)  # the producers were held back at the bound
-    wal = [snap["wal_micro_batches"] for _, snap in samples]  # truncated behind the checkpoints: bounded
-    assert max(wal[len(wal) // 2:]) <= max(max(wal[:len(wal) // 2]), 8 * cfg.checkpoint_every), wal
-    assert samples[-1][1]["micro_batches"] > 2 * max(wal), wal
+    # The log is truncated behind the checkpoints: it holds at most a checkpoint interval, the micro-batches
+    # in flight (stages x depth), the truncation interval and the one being handed out.
+    from pipeline.ingest.source import TRUNCATE_EVERY
+
+    wal = [snap["wal_micro_batches"] for _, snap in samples]
+    assert max(wal) <= cfg.checkpoint_every + 3 * cfg.queue_depth + TRUNCATE_EVERY + 2, wal
     taken = ingest.stats.frames_in
     assert sent[0] - taken < 10_000  # the producers were slowed down, not buffered (a few flow-control windows)
     rss = [r for r, _ in samples]

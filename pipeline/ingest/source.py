@@ -5,7 +5,7 @@ The engines ask a source for micro-batch m, in order, and again for the same m a
 ([Note: live micro-batches] in buffer.py) and writes it to the log ([Note: the ingest write-ahead log] in
 wal.py) before handing it out; any later time, it reads it back from the log. So micro-batch m is, for the
 engines, the same pure function of m it is for a file, and the checkpoint ledger's exactly-once evidence
-holds for the stream too. A few times a second it deletes what the newest complete checkpoint covers.
+holds for the stream too. Every few micro-batches it deletes what the newest complete checkpoint covers.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pipeline.sources.source import MicroBatch
 
 logger = logging.getLogger(__name__)
 
-TRUNCATE_EVERY_S = 0.25  # how often the source looks for a newer complete checkpoint to truncate the log to
-# (a listing and a small read of the store: cheap on a disk, a few round trips on object storage)
+TRUNCATE_EVERY = 4  # micro-batches between two looks for a newer complete checkpoint to truncate the log to
+# (a listing and a small read of the store: cheap on a disk, a few round trips on object storage). Counted,
+# not timed: where barriers fall is the schedule's, so the log's size is too (pipeline/schedule.py).
 
 
 class LiveSource:
@@ -52,7 +53,7 @@ class LiveSource:
         # default: on an endless run it would grow without bound.
         self.assignments: dict[int, tuple[tuple[str, int], ...]] | None = {} if record_assignments else None
         self._lock = threading.Lock()
-        self._truncated_at = 0.0
+        self._calls = 0  # batch() calls, for TRUNCATE_EVERY
         self.stats.attach(buffer, self.wal, store)
 
     def batch(self, m: int) -> MicroBatch:
@@ -78,9 +79,8 @@ class LiveSource:
         return _micro_batch(record)
 
     def _truncate(self) -> None:
-        now = time.monotonic()
-        if now - self._truncated_at >= TRUNCATE_EVERY_S:
-            self._truncated_at = now
+        self._calls += 1
+        if self._calls % TRUNCATE_EVERY == 0:
             self.truncate()
 
     def truncate(self) -> None:
