@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline.checkpoints import CheckpointStore, Part
 from pipeline.engines.actors import get
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, StageLost
 from pipeline.stage import Hop, HopResult, StepReport
 
 if TYPE_CHECKING:
@@ -240,8 +240,25 @@ class CompiledGraphTransport:
         self._runs[m] = self._execute(Hop(m, True, self.store if barrier else None, frames))
 
     def _execute(self, msg: Hop) -> list[Any]:
-        refs = self._graph.execute(msg)
+        from ray.exceptions import RayError
+
+        try:
+            refs = self._graph.execute(msg)
+        except RayError as e:  # the graph was torn down under us: Ray's monitor saw a stage die
+            k = self._stopped_stage()
+            raise StageLost(k, msg.m, e, self.actors.names[k]) from e
         return refs if isinstance(refs, list) else [refs]
+
+    def _stopped_stage(self) -> int:
+        """The first stage whose graph loop has ended (it died, or the graph broke there); 0 if none has."""
+        import ray
+
+        loops = getattr(self._graph, "worker_task_refs", {})
+        for k, h in enumerate(self.actors.handles):
+            ref = loops.get(h)
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
+                return k
+        return 0
 
     def _take(self, k: int, m: int, source: dict[int, list[Any]]) -> HopResult:
         """Stage k's result of m's message (a compiled graph's result can be fetched once)."""
