@@ -69,8 +69,11 @@ def parser() -> argparse.ArgumentParser:
 
     ct = sub.add_parser("control", help="ask a training run for its status, a checkpoint or a graceful stop")
     ct.add_argument("--run-dir", required=True)
-    ct.add_argument("action", choices=("status", "checkpoint", "stop"))
-    ct.add_argument("--json", action="store_true", help="status as JSON, for scripts")
+    ct.add_argument("action", choices=("status", "watch", "checkpoint", "stop"),
+                    help="status: where the run stands; watch: the same every --interval seconds until it ends")
+    ct.add_argument("--json", action="store_true", help="status as JSON (watch: one JSON object a line), for scripts")
+    ct.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between watch updates "
+                    "(default: 1)")
 
     be = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
     be.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
@@ -239,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         print(summary(prepare(args.sources, args.out, options, args.strict, args.address, args.workers)))
         return 0
     if args.command == "control":
-        return _control(args.run_dir, args.action, args.json)
+        return _control(args.run_dir, args.action, args.json, args.interval)
     if args.command == "report":
         from pipeline.rundir import RunDir
 
@@ -307,14 +310,17 @@ def _probe_finished(run_dir: str) -> None:
     print(f"(lamina probe --run-dir {run_dir} computes the same table again)")
 
 
-def _control(run_dir: str, action: str, as_json: bool = False) -> int:
+def _control(run_dir: str, action: str, as_json: bool = False, interval: float = 1.0) -> int:
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from pipeline.control.server import ControlClient
 
     client = ControlClient(run_dir)
     try:
+        if action == "watch":
+            for update in client.watch(interval):
+                print(_status_json(update, indent=None) if as_json else _status_table(update) + "\n", flush=True)
+            return 0
         reply = getattr(client, action)()
     except grpc.RpcError as e:
         print(f"lamina control: error: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -322,8 +328,7 @@ def _control(run_dir: str, action: str, as_json: bool = False) -> int:
     finally:
         client.close()
     if action == "status" and as_json:
-        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
-                                       always_print_fields_with_no_presence=True), indent=1))
+        print(_status_json(reply))
     elif action == "status":
         print(_status_table(reply))
     elif action == "checkpoint":
@@ -331,6 +336,13 @@ def _control(run_dir: str, action: str, as_json: bool = False) -> int:
     else:
         print("stopping: the run drains, checkpoints and exits" if reply.accepted else "already stopping")
     return 0
+
+
+def _status_json(reply: Any, indent: int | None = 1) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    return json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True), indent=indent)
 
 
 def _status_table(reply: Any) -> str:

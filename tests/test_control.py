@@ -74,6 +74,30 @@ def test_calls_without_the_token_are_refused(served, token: str | None) -> None:
     channel.close()
 
 
+def test_watch_streams_status_until_the_run_ends(served, tmp_path: Path) -> None:
+    server, calls = served
+    client = ControlClient(tmp_path)
+    updates = client.watch(interval_s=0.1)
+    first, second = next(updates), next(updates)
+    assert first.steps_done == second.steps_done == 7 and calls.count("status") >= 2
+    server.stop()  # the run ends: the stream closes instead of hanging
+    assert all(u.steps_done == 7 for u in updates)
+    client.close()
+
+
+def test_watch_without_the_token_is_refused(served) -> None:
+    server, calls = served
+    channel = grpc.insecure_channel(server.address)
+    watch = channel.unary_stream("/lamina.control.v1.Control/Watch",
+                                 request_serializer=pb.WatchRequest.SerializeToString,
+                                 response_deserializer=pb.StatusReply.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        next(watch(pb.WatchRequest(), metadata=(("authorization", "Bearer wrong"),), timeout=5))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert calls == []
+    channel.close()
+
+
 def test_a_training_run_answers_status_checkpoint_and_stop(tmp_path: Path) -> None:
     """`lamina train` serves the control plane: Status sees progress, Checkpoint and Stop take effect."""
     import os
@@ -111,11 +135,21 @@ def test_a_training_run_answers_status_checkpoint_and_stop(tmp_path: Path) -> No
             time.sleep(0.05)
         requested = store.latest_complete()
         assert requested is not None and requested > 0
+        # `lamina control watch` follows the run and ends by itself when the run does.
+        watcher = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "control", "--run-dir", str(run_dir),
+                                    "watch", "--json", "--interval", "0.1"], cwd=root, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert watcher.stdout is not None
+        first = json.loads(watcher.stdout.readline())
         assert client.stop().accepted
         client.close()
         out, err = proc.communicate(timeout=60)
+        rest, werr = watcher.communicate(timeout=30)
     finally:
         proc.kill()
+    assert watcher.returncode == 0, werr[-2000:]
+    watched = [int(first["steps_done"]), *(int(json.loads(line)["steps_done"]) for line in rest.splitlines())]
+    assert watched == sorted(watched) and watched[0] >= requested
     assert proc.returncode == 0, err[-2000:]
     assert "stopped after" in out and not (run_dir / CONTROL_FILE).exists()
     assert (store.latest_complete() or 0) >= requested

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x11lamina.control.v1\"\x0f\n\rStatusRequest\":\n\x0bLayerStatus\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0e\n\x06spread\x18\x03 \x01(\x01\"k\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x03\x12\x1a\n\x12microbatches_per_s\x18\x04 \x01(\x01\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x01\"\x9b\x02\n\x0bStatusReply\x12\x0f\n\x07run_dir\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nsteps_done\x18\x03 \x01(\x03\x12\x13\n\x0bsteps_total\x18\x04 \x01(\x03\x12\x1a\n\x12microbatches_per_s\x18\x05 \x01(\x01\x12.\n\x06layers\x18\x06 \x03(\x0b\x32\x1e.lamina.control.v1.LayerStatus\x12\x10\n\x08stopping\x18\x07 \x01(\x08\x12\x1b\n\x13\x63heckpoint_failures\x18\x08 \x01(\x03\x12\x17\n\x0flast_checkpoint\x18\t \x01(\x03\x12.\n\x06stages\x18\n \x03(\x0b\x32\x1e.lamina.control.v1.StageStatus\"\x13\n\x11\x43heckpointRequest\"3\n\x0f\x43heckpointReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\r\n\x0bStopRequest\"\x1d\n\tStopReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xf3\x01\n\x07\x43ontrol\x12J\n\x06Status\x12 .lamina.control.v1.StatusRequest\x1a\x1e.lamina.control.v1.StatusReply\x12V\n\nCheckpoint\x12$.lamina.control.v1.CheckpointRequest\x1a\".lamina.control.v1.CheckpointReply\x12\x44\n\x04Stop\x12\x1e.lamina.control.v1.StopRequest\x1a\x1c.lamina.control.v1.StopReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x11lamina.control.v1\"\x0f\n\rStatusRequest\":\n\x0bLayerStatus\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0e\n\x06spread\x18\x03 \x01(\x01\"k\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x03\x12\x1a\n\x12microbatches_per_s\x18\x04 \x01(\x01\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x01\"\x9b\x02\n\x0bStatusReply\x12\x0f\n\x07run_dir\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nsteps_done\x18\x03 \x01(\x03\x12\x13\n\x0bsteps_total\x18\x04 \x01(\x03\x12\x1a\n\x12microbatches_per_s\x18\x05 \x01(\x01\x12.\n\x06layers\x18\x06 \x03(\x0b\x32\x1e.lamina.control.v1.LayerStatus\x12\x10\n\x08stopping\x18\x07 \x01(\x08\x12\x1b\n\x13\x63heckpoint_failures\x18\x08 \x01(\x03\x12\x17\n\x0flast_checkpoint\x18\t \x01(\x03\x12.\n\x06stages\x18\n \x03(\x0b\x32\x1e.lamina.control.v1.StageStatus\"\"\n\x0cWatchRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"\x13\n\x11\x43heckpointRequest\"3\n\x0f\x43heckpointReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\r\n\x0bStopRequest\"\x1d\n\tStopReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xbf\x02\n\x07\x43ontrol\x12J\n\x06Status\x12 .lamina.control.v1.StatusRequest\x1a\x1e.lamina.control.v1.StatusReply\x12V\n\nCheckpoint\x12$.lamina.control.v1.CheckpointRequest\x1a\".lamina.control.v1.CheckpointReply\x12\x44\n\x04Stop\x12\x1e.lamina.control.v1.StopRequest\x1a\x1c.lamina.control.v1.StopReply\x12J\n\x05Watch\x12\x1f.lamina.control.v1.WatchRequest\x1a\x1e.lamina.control.v1.StatusReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGESTATUS']._serialized_end=220
   _globals['_STATUSREPLY']._serialized_start=223
   _globals['_STATUSREPLY']._serialized_end=506
-  _globals['_CHECKPOINTREQUEST']._serialized_start=508
-  _globals['_CHECKPOINTREQUEST']._serialized_end=527
-  _globals['_CHECKPOINTREPLY']._serialized_start=529
-  _globals['_CHECKPOINTREPLY']._serialized_end=580
-  _globals['_STOPREQUEST']._serialized_start=582
-  _globals['_STOPREQUEST']._serialized_end=595
-  _globals['_STOPREPLY']._serialized_start=597
-  _globals['_STOPREPLY']._serialized_end=626
-  _globals['_CONTROL']._serialized_start=629
-  _globals['_CONTROL']._serialized_end=872
+  _globals['_WATCHREQUEST']._serialized_start=508
+  _globals['_WATCHREQUEST']._serialized_end=542
+  _globals['_CHECKPOINTREQUEST']._serialized_start=544
+  _globals['_CHECKPOINTREQUEST']._serialized_end=563
+  _globals['_CHECKPOINTREPLY']._serialized_start=565
+  _globals['_CHECKPOINTREPLY']._serialized_end=616
+  _globals['_STOPREQUEST']._serialized_start=618
+  _globals['_STOPREQUEST']._serialized_end=631
+  _globals['_STOPREPLY']._serialized_start=633
+  _globals['_STOPREPLY']._serialized_end=662
+  _globals['_CONTROL']._serialized_start=665
+  _globals['_CONTROL']._serialized_end=984
 # @@protoc_insertion_point(module_scope)

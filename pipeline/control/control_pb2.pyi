@@ -58,6 +58,12 @@ class StatusReply(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     def __init__(self, run_dir: _Optional[str] = ..., engine: _Optional[str] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., microbatches_per_s: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerStatus, _Mapping]]] = ..., stopping: _Optional[bool] = ..., checkpoint_failures: _Optional[int] = ..., last_checkpoint: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ...) -> None: ...
 
+class WatchRequest(_message.Message):
+    __slots__ = ("interval_s",)
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    interval_s: float
+    def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
 class CheckpointRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -1,11 +1,12 @@
-"""The driver's gRPC control plane (proto/control.proto): status, checkpoint on request, graceful stop.
+"""The driver's gRPC control plane (proto/control.proto): status (once, or watched), checkpoint on request,
+graceful stop.
 
 The server binds to loopback unless told otherwise, and every call must carry a bearer token: the driver
 makes a fresh one per run and writes it, with the address, to RUN_DIR/control.json (mode 0600), so only
 the run's owner can steer it. The handlers only read a status snapshot or set flags that the driver's loop
 polls between micro-batches: no rpc ever touches a tensor or blocks the training loop.
 
-    lamina control --run-dir DIR status | checkpoint | stop
+    lamina control --run-dir DIR status | watch | checkpoint | stop
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "lamina.control.v1.Control"
 CONTROL_FILE = "control.json"
+WATCHERS = 4  # Watch streams served at once
 
 
 @dataclass
@@ -74,18 +77,36 @@ class ControlServer:
                  port: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.token = secrets.token_urlsafe(32)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+        self._stopping = threading.Event()  # ends every Watch stream when the run ends
+        # A Watch holds a worker for as long as it streams: at most WATCHERS at once, and Status, Checkpoint
+        # and Stop keep workers of their own.
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=WATCHERS + 2),
                                    interceptors=[_TokenAuth(self.token)])
+        watchers = threading.BoundedSemaphore(WATCHERS)
         checkpoint = handlers.checkpoint
 
         def do_checkpoint(_: pb.CheckpointRequest) -> pb.CheckpointReply:
             accepted, detail = checkpoint()
             return pb.CheckpointReply(accepted=accepted, detail=detail)
 
+        def watch(request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.StatusReply]:
+            if not watchers.acquire(blocking=False):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {WATCHERS} Watch calls at once")
+            try:
+                interval = max(0.1, request.interval_s or 1.0)
+                while context.is_active():
+                    yield handlers.status()
+                    if self._stopping.wait(interval):
+                        return
+            finally:
+                watchers.release()
+
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
             "Status": _method(lambda _: handlers.status(), pb.StatusRequest, pb.StatusReply),
             "Checkpoint": _method(do_checkpoint, pb.CheckpointRequest, pb.CheckpointReply),
             "Stop": _method(lambda _: pb.StopReply(accepted=handlers.stop()), pb.StopRequest, pb.StopReply),
+            "Watch": grpc.unary_stream_rpc_method_handler(watch, request_deserializer=pb.WatchRequest.FromString,
+                                                          response_serializer=pb.StatusReply.SerializeToString),
         })])
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
@@ -104,6 +125,7 @@ class ControlServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.stop(grace=1.0).wait()
         (self.run_dir / CONTROL_FILE).unlink(missing_ok=True)
 
@@ -144,6 +166,12 @@ class ControlClient:
 
     def stop(self) -> pb.StopReply:
         return self._call("Stop", pb.StopRequest(), pb.StopReply)
+
+    def watch(self, interval_s: float = 1.0) -> Iterator[pb.StatusReply]:
+        """StatusReply after StatusReply until the run ends (the stream then closes) or the caller stops."""
+        stub = self._channel.unary_stream(f"/{SERVICE}/Watch", request_serializer=pb.WatchRequest.SerializeToString,
+                                          response_deserializer=pb.StatusReply.FromString)
+        return stub(pb.WatchRequest(interval_s=interval_s), metadata=self._metadata)
 
     def close(self) -> None:
         self._channel.close()
