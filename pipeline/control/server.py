@@ -11,7 +11,6 @@ polls between micro-batches: no rpc ever touches a tensor or blocks the training
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import grpc
 
 from pipeline.control import control_pb2 as pb
+from pipeline.control.auth import BearerAuth, write_private
 from pipeline.control.requests import RunControl
 from pipeline.errors import ConfigError
 
@@ -46,24 +46,6 @@ class ControlHandlers:
     stop: Callable[[], bool]  # -> accepted
 
 
-class _TokenAuth(grpc.ServerInterceptor):
-    """Refuses every call whose `authorization` metadata is not `Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(sent).encode(), self._expected):
-            return continuation(details)
-        return self._deny
-
-
 def _method(fn: Callable[[Any], Any], request_type: Any, reply_type: Any) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         lambda request, context: fn(request), request_deserializer=request_type.FromString,
@@ -81,7 +63,7 @@ class ControlServer:
         # A Watch holds a worker for as long as it streams: at most WATCHERS at once, and Status, Checkpoint
         # and Stop keep workers of their own.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=WATCHERS + 2),
-                                   interceptors=[_TokenAuth(self.token)])
+                                   interceptors=[BearerAuth(self.token)])
         watchers = threading.BoundedSemaphore(WATCHERS)
         checkpoint = handlers.checkpoint
 
@@ -116,11 +98,7 @@ class ControlServer:
     def start(self) -> ControlServer:
         self._server.start()
         path = self.run_dir / CONTROL_FILE
-        tmp = path.with_name(f"{CONTROL_FILE}.tmp")  # created 0600, then renamed: readers never see it half written
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"address": self.address, "token": self.token, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+        write_private(path, json.dumps({"address": self.address, "token": self.token, "pid": os.getpid()}))
         logger.info("control plane on %s (token in %s)", self.address, path)
         return self
 

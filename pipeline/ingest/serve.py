@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
+from pipeline.control.auth import write_private
 from pipeline.engines import prepare
 from pipeline.errors import ConfigError
 from pipeline.ingest.buffer import WHEN_FULL, ClipBuffer
@@ -158,7 +159,7 @@ def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True, res
     info = {"address": ingest.server.address, "pid": os.getpid(), "tls": opts.tls_cert is not None}
     if made:
         info["token"] = token
-    _write_private(Path(cfg.run_dir) / INGEST_FILE, json.dumps(info))
+    write_private(Path(cfg.run_dir) / INGEST_FILE, json.dumps(info))
     print(f"ingest listening on {ingest.server.address} (run {cfg.run_dir}; "
           f"{'token in ' + str(Path(cfg.run_dir) / INGEST_FILE) if made else 'token as given'})", flush=True)
     try:
@@ -169,11 +170,3 @@ def serve(cfg: TrainConfig, opts: ServeOptions, handle_signals: bool = True, res
     finally:
         ingest.stop()
         (Path(cfg.run_dir) / INGEST_FILE).unlink(missing_ok=True)
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -17,7 +17,6 @@ push a given stream; another is refused frame by frame (STREAM_BUSY).
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from pipeline.control.auth import BearerAuth
 from pipeline.ingest.buffer import ClipBuffer
 from pipeline.ingest.clips import Cutter
 from pipeline.ingest.frames import FrameError, decode, to_frame
@@ -38,29 +38,6 @@ logger = logging.getLogger(__name__)
 SERVICE = "lamina.v1.Ingest"
 MAX_STREAM_ID = 128
 MAX_REJECTIONS = 100  # listed in a reply; all are counted
-
-
-class _BearerAuth(grpc.ServerInterceptor):
-    """Refuses every call whose `authorization` metadata is not `Bearer <token>`, with a handler of the
-    call's own kind (a streaming call is refused before a single message is read)."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = {(False, False): grpc.unary_unary_rpc_method_handler(deny),
-                      (True, False): grpc.stream_unary_rpc_method_handler(deny),
-                      (False, True): grpc.unary_stream_rpc_method_handler(deny),
-                      (True, True): grpc.stream_stream_rpc_method_handler(deny)}
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        handler = continuation(details)
-        if hmac.compare_digest(str(sent).encode(), self._expected) or handler is None:
-            return handler
-        return self._deny[(handler.request_streaming, handler.response_streaming)]
 
 
 class IngestServer:
@@ -77,7 +54,7 @@ class IngestServer:
         self._calls = itertools.count()
         self._stopping = threading.Event()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_calls + 2, thread_name_prefix="ingest"),
-                                   interceptors=[_BearerAuth(token)], maximum_concurrent_rpcs=max_calls,
+                                   interceptors=[BearerAuth(token)], maximum_concurrent_rpcs=max_calls,
                                    options=[("grpc.max_receive_message_length", max_message_bytes)])
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
             "Push": grpc.stream_unary_rpc_method_handler(self._push, request_deserializer=pb.Frame.FromString,
