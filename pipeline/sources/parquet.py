@@ -47,20 +47,21 @@ from pipeline.sources.dataset import (
     read_json,
     schema,
 )
-from pipeline.sources.options import OptionSpec, parse_options
-from pipeline.sources.streaming import Catalog, Key, Piece, Segment, StreamingSource, sample_videos
+from pipeline.sources.options import parse_options
+from pipeline.sources.streaming import (
+    STREAM_OPTIONS,
+    Catalog,
+    Key,
+    Piece,
+    Segment,
+    StreamingSource,
+    StreamOptions,
+    sample_videos,
+)
 from pipeline.sources.videos import Videos
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS: OptionSpec = {
-    "strict": (int, 0, 1),
-    "cache": (float, 0, 1 << 20),
-    "readahead": (int, 0, 64),
-    "workers": (int, 1, 256),
-    "probe_videos": (int, 1, 1_000_000),
-    "probe_frames": (int, 1, 100_000),
-}
 _SHARD_FILE = re.compile(r"^shards/[A-Za-z0-9_.-]+\.parquet$")  # inside the dataset, never elsewhere
 
 
@@ -164,26 +165,12 @@ class ParquetReader:
         return np.asarray(pc.fill_null(ids, -1).to_numpy(zero_copy_only=False), np.int64)
 
 
-@dataclass(frozen=True)
-class ParquetOptions:
-    strict: bool = False
-    cache_mb: float = 512
-    readahead: int = 2
-    workers: int = 0  # 0: the machine's cores
-    probe_videos: int = 500
-    probe_frames: int = 16
-
-
-def parse_spec(arg: str) -> tuple[str, ParquetOptions]:
+def parse_spec(arg: str) -> tuple[str, StreamOptions]:
     uri, _, rest = arg.partition(",")
     uri = uri.strip()
     if not uri:
         raise DataError("parquet: no location given (use parquet:DIR or parquet:URI)")
-    o = parse_options(rest, _OPTIONS, "parquet")
-    return uri, ParquetOptions(strict=bool(o.get("strict", 0)), cache_mb=float(o.get("cache", 512)),
-                               readahead=int(o.get("readahead", 2)), workers=int(o.get("workers", 0)),
-                               probe_videos=int(o.get("probe_videos", 500)),
-                               probe_frames=int(o.get("probe_frames", 16)))
+    return uri, StreamOptions(**StreamOptions.fields(parse_options(rest, STREAM_OPTIONS, "parquet")))
 
 
 @dataclass(frozen=True)
@@ -193,7 +180,7 @@ class OpenDataset:
     catalog: Catalog
     options: PrepareOptions  # how the frames were prepared
     skipped: tuple[tuple[str, str], ...]  # (shard file, why) of every unusable shard
-    spec_options: ParquetOptions
+    spec_options: StreamOptions
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:

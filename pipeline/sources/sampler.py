@@ -16,6 +16,17 @@ from pipeline.sources.source import MicroBatch
 from pipeline.sources.videos import Videos
 
 
+def clip_span(clips: int, clip_len: int, stride: int) -> int:
+    """Frames one clip spans; refuses a micro-batch shape no objective can learn from."""
+    if clips < 2:
+        raise ConfigError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
+    if clip_len < 2:
+        raise ConfigError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
+    if stride < 1:
+        raise ConfigError(f"--stride must be >= 1 (got {stride})")
+    return (clip_len - 1) * stride + 1
+
+
 class ClipSampler:
     """A `Source` over videos in memory: cuts micro-batches of `clips` clips of `clip_len` frames from
     `videos`, `stride` frames apart.
@@ -29,18 +40,12 @@ class ClipSampler:
 
     def __init__(self, videos: Videos, clips: int, clip_len: int, seed: int, stride: int = 1) -> None:
         length = videos.frames.shape[1]
-        if clips < 2:
-            raise ConfigError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
-        if clip_len < 2:
-            raise ConfigError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
-        if stride < 1:
-            raise ConfigError(f"--stride must be >= 1 (got {stride})")
+        span = clip_span(clips, clip_len, stride)
         sequences = videos.frames.shape[0]
         if clips > sequences:
             raise ConfigError(f"--clips {clips} is more than the {sequences} sequences of {videos.name}: the clips "
                               f"of a micro-batch come from distinct sequences (negatives from the clip's own "
                               f"sequence poison contrastive objectives)")
-        span = (clip_len - 1) * stride + 1
         if span > length:
             raise ConfigError(f"--clip-len {clip_len} at --stride {stride} spans {span} frames, more than the "
                              f"sequences of {videos.name} ({length} frames)")

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.sources.options import OptionSpec
+from pipeline.sources.sampler import clip_span
 from pipeline.sources.source import MicroBatch
 from pipeline.sources.videos import Videos
 
@@ -73,6 +75,35 @@ class Piece:
     key: Key
     lo: int
     hi: int
+
+
+# The options of every streamed spec (video:, parquet:): damaged input, the cache, read-ahead, decoding
+# threads, and the probe's bounded sample ([Note: probing streamed data]).
+STREAM_OPTIONS: OptionSpec = {
+    "strict": (int, 0, 1),
+    "cache": (float, 0, 1 << 20),
+    "readahead": (int, 0, 64),
+    "workers": (int, 1, 256),
+    "probe_videos": (int, 1, 1_000_000),
+    "probe_frames": (int, 1, 100_000),
+}
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    strict: bool = False
+    cache_mb: float = 512
+    readahead: int = 2
+    workers: int = 0  # 0: the machine's cores
+    probe_videos: int = 500
+    probe_frames: int = 16
+
+    @staticmethod
+    def fields(o: dict[str, Any]) -> dict[str, Any]:
+        """The StreamOptions fields from parsed options (parse_options over STREAM_OPTIONS), defaults filled."""
+        return {"strict": bool(o.get("strict", 0)), "cache_mb": float(o.get("cache", 512)),
+                "readahead": int(o.get("readahead", 2)), "workers": int(o.get("workers", 0)),
+                "probe_videos": int(o.get("probe_videos", 500)), "probe_frames": int(o.get("probe_frames", 16))}
 
 
 class Reader(Protocol):
@@ -212,13 +243,7 @@ class StreamingSource:
     def __init__(self, name: str, reader: Reader, catalog: Catalog, frame_shape: tuple[int, int, int],
                  clips: int, clip_len: int, seed: int, stride: int = 1, cache_mb: float = 512,
                  readahead: int = 2, workers: int = 2) -> None:
-        if clips < 2:
-            raise ConfigError(f"--clips must be >= 2: negatives come from other clips (got {clips})")
-        if clip_len < 2:
-            raise ConfigError(f"--clip-len must be >= 2: positives are frames of one clip (got {clip_len})")
-        if stride < 1:
-            raise ConfigError(f"--stride must be >= 1 (got {stride})")
-        span = (clip_len - 1) * stride + 1
+        span = clip_span(clips, clip_len, stride)
         eligible = np.flatnonzero(catalog.lengths >= span)
         if not len(eligible):
             raise ConfigError(f"--clip-len {clip_len} at --stride {stride} spans {span} frames, more than any "

@@ -40,7 +40,16 @@ from pipeline.errors import DataError
 from pipeline.sources.files import FITS, LABELS, BadVideo, Item, discover
 from pipeline.sources.media import Converter, Index, decode_range, index
 from pipeline.sources.options import OptionSpec, parse_options
-from pipeline.sources.streaming import Catalog, Key, Piece, Segment, StreamingSource, sample_videos
+from pipeline.sources.streaming import (
+    STREAM_OPTIONS,
+    Catalog,
+    Key,
+    Piece,
+    Segment,
+    StreamingSource,
+    StreamOptions,
+    sample_videos,
+)
 from pipeline.sources.videos import Videos
 
 logger = logging.getLogger(__name__)
@@ -48,29 +57,15 @@ logger = logging.getLogger(__name__)
 SEGMENT = 64  # frames per cached segment (the last one of a video may be shorter)
 MAX_DECODE_AHEAD = 8  # segments one read may hand to the cache (the ones it decoded on its way to the asked one)
 
-_OPTIONS: OptionSpec = {
-    "channels": (int, 1, 3),
-    "strict": (int, 0, 1),
-    "cache": (float, 0, 1 << 20),
-    "readahead": (int, 0, 64),
-    "workers": (int, 1, 256),
-    "probe_videos": (int, 1, 1_000_000),
-    "probe_frames": (int, 1, 100_000),
-}
+_OPTIONS: OptionSpec = {"channels": (int, 1, 3), **STREAM_OPTIONS}
 _CHOICES = {"labels": LABELS, "fit": FITS}
 
 
 @dataclass(frozen=True)
-class VideoOptions:
+class VideoOptions(StreamOptions):
     labels: str = "folder"
     fit: str = "crop"
     channels: int = 3
-    strict: bool = False
-    cache_mb: float = 512
-    readahead: int = 2
-    workers: int = 0  # 0: the machine's cores
-    probe_videos: int = 500
-    probe_frames: int = 16
 
 
 def parse_spec(arg: str) -> tuple[str, VideoOptions]:
@@ -83,10 +78,7 @@ def parse_spec(arg: str) -> tuple[str, VideoOptions]:
     if "channels" in o and o["channels"] not in (1, 3):
         raise DataError(f"video: option channels={o['channels']} must be 1 or 3")
     return path, VideoOptions(labels=str(o.get("labels", "folder")), fit=str(o.get("fit", "crop")),
-                              channels=int(o.get("channels", 3)), strict=bool(o.get("strict", 0)),
-                              cache_mb=float(o.get("cache", 512)), readahead=int(o.get("readahead", 2)),
-                              workers=int(o.get("workers", 0)), probe_videos=int(o.get("probe_videos", 500)),
-                              probe_frames=int(o.get("probe_frames", 16)))
+                              channels=int(o.get("channels", 3)), **StreamOptions.fields(o))
 
 
 class VideoReader:
