@@ -6,6 +6,7 @@ local-Ray fixture is in conftest.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.checkpoints import Checkpoint
+from pipeline.checkpoints import Checkpoint, Ledger
 from pipeline.config import TrainConfig
 from pipeline.engines.local import run_local
 from pipeline.engines.placement import NAMESPACE
@@ -44,6 +45,14 @@ def tiny_config(data: str, **overrides: Any) -> TrainConfig:
                               "clip_len": 3, "steps": 8, "engine": "ray", "queue_depth": 2}
     fields.update(overrides)
     return TrainConfig(**fields)
+
+
+def small_config(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:
+    """Three 4-channel layers at 8x8, 16 micro-batches, a barrier every 3, a run directory in tmp_path: the
+    run the recovery, fault and transport tests kill, stop and resume."""
+    fields: dict[str, Any] = {"layers": "conv:4,conv:4,conv:4", "size": 8, "clips": 4, "clip_len": 3,
+                              "steps": 16, "checkpoint_every": 3, "run_dir": str(tmp_path / "run")}
+    return tiny_config(data, **{**fields, **overrides})
 
 
 def setup(cfg: TrainConfig) -> tuple[LearnerSpec, ClipSampler]:
@@ -87,6 +96,33 @@ class Recorder:
         """Per micro-batch, every layer's (layer, loss, pos, neg, over, spread): what must not depend on how
         layers were grouped into stages."""
         return [[dataclasses.astuple(lr) for r in reports for lr in r.layers] for _, reports in self.calls]
+
+
+def piped_and_sequential(cfg: TrainConfig, resume_at: int = 0) -> tuple[list[dict], list[dict], Recorder, Recorder]:
+    """The Ray pipeline's final states and the sequential loop's on the same micro-batches, with what each
+    reported; resume_at > 0: the pipeline starts from the loop's state after `resume_at` micro-batches (a
+    resume)."""
+    from pipeline.engines.ray_engine import run_ray
+
+    spec, sampler = setup(cfg)
+    piped_calls, ref_calls = Recorder(), Recorder()
+    resume = None
+    if resume_at:
+        half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler)
+        resume = Checkpoint(resume_at, half, [Ledger([[0, resume_at]]) for _ in half])
+    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume).states
+    return piped, sequential(cfg, sampler, ref_calls), piped_calls, ref_calls
+
+
+class NaNAt:
+    """A sampler whose micro-batch `bad` is all NaN: makes stage 0 fail there, and only there."""
+
+    def __init__(self, sampler: Any, bad: int) -> None:
+        self.sampler, self.bad = sampler, bad
+
+    def batch(self, m: int) -> Any:
+        b = self.sampler.batch(m)
+        return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == self.bad else b
 
 
 def flatten(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from support import sequential, setup, state_differences, tiny_config, tiny_npz
+from support import sequential, setup, small_config, state_differences, tiny_npz
 
 from pipeline.checkpoints import CheckpointStore
 from pipeline.errors import CheckpointError
@@ -35,9 +35,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def small(data: str, tmp_path: Path, **overrides: Any) -> Any:
-    fields = {"layers": "conv:4,conv:4,conv:4", "size": 8, "clips": 4, "clip_len": 3, "steps": 16,
-              "engine": "sequential", "checkpoint_every": 4, "run_dir": str(tmp_path / "run")}
-    return tiny_config(data, **{**fields, **overrides})
+    return small_config(data, tmp_path, **{"engine": "sequential", "checkpoint_every": 4, **overrides})
 
 
 @pytest.fixture(autouse=True)

@@ -10,18 +10,18 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-import math
 import re
 import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
-import torch
 from ray.util.state import list_actors
 from support import (
+    NaNAt,
     Recorder,
     count_tensors,
+    piped_and_sequential,
     run_actors,
     run_placement_groups,
     sequential,
@@ -34,7 +34,6 @@ from support import (
 
 from pipeline import cli
 from pipeline.bench import transport as transport_bench
-from pipeline.checkpoints import Checkpoint, Ledger
 from pipeline.config import TrainConfig
 from pipeline.engines import placement
 from pipeline.engines.placement import StageActors
@@ -63,17 +62,6 @@ class Reordered:
         return self.sampler.batch(self.order[m])
 
 
-class NaNAt:
-    """A sampler whose micro-batch `bad` is all NaN: makes stage 0 fail there, and only there."""
-
-    def __init__(self, sampler: ClipSampler, bad: int) -> None:
-        self.sampler, self.bad = sampler, bad
-
-    def batch(self, m: int) -> MicroBatch:
-        b = self.sampler.batch(m)
-        return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == self.bad else b
-
-
 # -- transparency: the spine ------------------------------------------------------------------------------
 
 
@@ -90,16 +78,7 @@ ZOO = {  # the networks and settings the pipeline must not change a bit of
 def test_pipelined_run_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str) -> None:
     overrides, stages, resume_at = ZOO[variant]
     cfg = tiny_config(data, steps=10, **overrides)
-    spec, sampler = setup(cfg)
-    piped_calls, ref_calls = Recorder(), Recorder()
-    # resume_at > 0: the pipeline starts from the loop's state after `resume_at` micro-batches (a resume).
-    resume = None
-    if resume_at:
-        half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler)
-        resume = Checkpoint(resume_at, half, [Ledger([[0, resume_at]]) for _ in half])
-
-    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume).states
-    ref = sequential(cfg, sampler, ref_calls)
+    piped, ref, piped_calls, ref_calls = piped_and_sequential(cfg, resume_at)
 
     # The pipeline really had `stages` actors, and every layer learned from every micro-batch.
     assert {r.stage for _, reports in piped_calls.calls for r in reports} == set(range(stages))
@@ -113,6 +92,7 @@ def test_pipelined_run_equals_the_sequential_loop_bit_for_bit(ray_local: str, da
 
     # The comparison is sharp: learning moved the weights, and a different seed, or the same micro-batches
     # in another order (what an out-of-order pipeline would compute), gives different bits.
+    spec, sampler = setup(cfg)
     init = [lrn.state_dict() for lrn in LearnerStack.layer_local(spec, 0, cfg.n_layers).learners]
     assert state_differences([s["modules"] for s in piped], [s["modules"] for s in init])
     other_seed = dataclasses.replace(cfg, seed=cfg.seed + 1)

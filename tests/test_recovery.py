@@ -5,7 +5,6 @@ the uninterrupted run's weights bit for bit, a failure that recurs stopping the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import resource
@@ -15,7 +14,8 @@ from typing import Any
 
 import pytest
 import ray
-from support import Recorder, run_actors, sequential, setup, state_differences, tiny_config, tiny_npz
+from support import NaNAt, Recorder, run_actors, sequential, setup, state_differences, tiny_npz
+from support import small_config as small
 
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
@@ -30,13 +30,6 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_npz(tmp_path_factory.mktemp("data"), size=8)
-
-
-def small(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:
-    fields: dict[str, Any] = {"layers": "conv:4,conv:4,conv:4", "size": 8, "clips": 4, "clip_len": 3,
-                              "steps": 16, "checkpoint_every": 3, "run_dir": str(tmp_path / "run")}
-    fields.update(overrides)
-    return tiny_config(data, **fields)
 
 
 def kill(actors: StageActors, k: int, how: str) -> bool:
@@ -123,24 +116,14 @@ def test_a_failure_that_recurs_stops_the_run_instead_of_looping(ray_local: str, 
 
 
 def test_an_application_error_is_not_retried(ray_local: str, data: str, tmp_path: Path) -> None:
-    import math
 
-    import torch
-
-    class NaNAt:
-        def __init__(self, sampler: Any) -> None:
-            self.sampler = sampler
-
-        def batch(self, m: int) -> Any:
-            b = self.sampler.batch(m)
-            return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == 4 else b
 
     cfg = small(data, tmp_path, steps=8, checkpoint_every=2)
     spec, sampler = setup(cfg)
     with StageActors(cfg, spec) as actors:
         pipe = RayPipeline(actors, CheckpointStore(str(tmp_path / "ck")))
         with pytest.raises(StageError, match="micro-batch 4: FloatingPointError") as info:
-            pipe.train(NaNAt(sampler), 0, cfg.steps, Recorder())  # type: ignore[arg-type]
+            pipe.train(NaNAt(sampler, 4), 0, cfg.steps, Recorder())
         assert type(info.value) is StageError and pipe.recovery is not None and pipe.recovery.count == 0
 
 

@@ -9,25 +9,26 @@ the compiled graph runs the same checks.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-import torch
 from support import (
+    NaNAt,
     Recorder,
     count_tensors,
+    piped_and_sequential,
     run_actors,
     sequential,
     setup,
+    small_config,
     state_differences,
     tiny_config,
     tiny_npz,
 )
 
-from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
+from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
 from pipeline.engines import transport
@@ -67,15 +68,7 @@ VARIANTS = {  # (overrides, stages, resume at)
 def test_compiled_graph_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str) -> None:
     overrides, stages, resume_at = VARIANTS[variant]
     cfg = tiny_config(data, steps=10, transport=CG, **overrides)
-    spec, sampler = setup(cfg)
-    piped_calls, ref_calls = Recorder(), Recorder()
-    resume = None
-    if resume_at:
-        half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler)
-        resume = Checkpoint(resume_at, half, [Ledger([[0, resume_at]]) for _ in half])
-
-    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume).states
-    ref = sequential(cfg, sampler, ref_calls)
+    piped, ref, piped_calls, ref_calls = piped_and_sequential(cfg, resume_at)
 
     assert {r.stage for _, reports in piped_calls.calls for r in reports} == set(range(stages))
     assert count_tensors(piped) == count_tensors(ref) > 3 * cfg.n_layers
@@ -85,11 +78,7 @@ def test_compiled_graph_equals_the_sequential_loop_bit_for_bit(ray_local: str, d
 
 
 def small(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:
-    fields: dict[str, Any] = {"layers": "conv:4,conv:4,conv:4", "size": 8, "clips": 4, "clip_len": 3,
-                              "steps": 16, "checkpoint_every": 3, "run_dir": str(tmp_path / "run"),
-                              "transport": CG}
-    fields.update(overrides)
-    return tiny_config(data, **fields)
+    return small_config(data, tmp_path, **{"transport": CG, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -133,20 +122,12 @@ def test_a_lost_stage_tears_the_graph_down_and_rebuilds_it_exactly_once_and_bit_
 
 
 def test_a_stage_error_in_the_graph_stops_the_run_once(ray_local: str, data8: str, tmp_path: Path) -> None:
-    class NaNAt:
-        def __init__(self, sampler: Any) -> None:
-            self.sampler = sampler
-
-        def batch(self, m: int) -> Any:
-            b = self.sampler.batch(m)
-            return dataclasses.replace(b, frames=torch.full_like(b.frames, math.nan)) if m == 4 else b
-
     cfg = small(data8, tmp_path, steps=8, checkpoint_every=2)
     spec, sampler = setup(cfg)
     with StageActors(cfg, spec) as actors:
         pipe = RayPipeline(actors, CheckpointStore(str(tmp_path / "ck")))
         with pytest.raises(StageError, match="micro-batch 4: FloatingPointError") as info:
-            pipe.train(NaNAt(sampler), 0, cfg.steps, Recorder())  # type: ignore[arg-type]
+            pipe.train(NaNAt(sampler, 4), 0, cfg.steps, Recorder())
         assert type(info.value) is StageError and pipe.recovery is not None and pipe.recovery.count == 0
 
 
