@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from support import start_ray
 
 # Real data nobody on this project made (../shared/data from the repository root); absent for end users.
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
@@ -42,6 +43,12 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need a Ray of another shape (a 2-node cluster) run last: the shared local Ray then
+    starts once per session instead of again after them, while the other cluster's processes still exit."""
+    items.sort(key=lambda item: "two_nodes" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[str]:
     """The session's local Ray (4 logical CPUs, dashboard for the state API, token auth as Ray sets it),
@@ -54,9 +61,10 @@ def ray_local() -> Iterator[str]:
     if current is None or current != _session_ray.get("address"):
         if ray.is_initialized():
             ray.shutdown()
-        ctx = ray.init(address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
-                       logging_level="WARNING", log_to_driver=False,
-                       _system_config={"metrics_report_interval_ms": 1000})
+        ctx = start_ray(lambda: ray.init(address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=True,
+                                         dashboard_host="127.0.0.1", logging_level="WARNING", log_to_driver=False,
+                                         _system_config={"metrics_report_interval_ms": 1000}),
+                        undo=ray.shutdown)
         _session_ray["address"] = ctx.address_info["gcs_address"]
     yield _session_ray["address"]
 

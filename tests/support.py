@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import ray
@@ -195,6 +195,26 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+T = TypeVar("T")
+
+
+def start_ray(start: Callable[[], T], undo: Callable[[], None], attempts: int = 2) -> T:
+    """`start()` a Ray, tried again once if it times out at startup.
+
+    Ray gives a starting raylet a fixed 30 s to register with the GCS; on a loaded 2-core machine (a fresh
+    environment compiling Ray's modules, the processes of a Ray just stopped still exiting) that can pass.
+    Any other failure, or a second timeout, is raised; `undo()` cleans up what a failed try left.
+    """
+    for attempt in range(attempts):
+        try:
+            return start()
+        except Exception as e:  # Ray raises a bare Exception for this
+            undo()
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @contextmanager

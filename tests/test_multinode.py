@@ -22,6 +22,7 @@ from support import (
     ray_head,
     sequential,
     setup,
+    start_ray,
     state_differences,
     tiny_config,
     tiny_npz,
@@ -56,22 +57,17 @@ def two_nodes() -> Iterator[Cluster]:
     reset_auth_token_state()  # back to the environment as it was
 
 
-def _start_two_nodes(attempts: int = 2) -> Cluster:
-    """Ray gives a starting raylet a fixed 30 s to register with the GCS; on a loaded machine (a fresh
-    environment compiling Ray's modules, other jobs) that can pass, so a start that times out is tried
-    again once before the tests that need it give up."""
-    for attempt in range(attempts):
-        cluster = Cluster()
-        try:
-            cluster.add_node(num_cpus=2)  # the head
-            cluster.add_node(num_cpus=2)
-            cluster.wait_for_nodes()
-            return cluster
-        except Exception as e:  # Ray raises a bare Exception for this
-            cluster.shutdown()
-            if "timed out during startup" not in str(e) or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+def _start_two_nodes() -> Cluster:
+    tries: list[Cluster] = []
+
+    def start() -> Cluster:
+        tries.append(Cluster())
+        tries[-1].add_node(num_cpus=2)  # the head
+        tries[-1].add_node(num_cpus=2)
+        tries[-1].wait_for_nodes()
+        return tries[-1]
+
+    return start_ray(start, undo=lambda: tries[-1].shutdown())
 
 
 def test_spread_runs_the_two_stages_on_different_nodes(two_nodes: Cluster, tmp_path: Path) -> None:
