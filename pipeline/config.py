@@ -100,6 +100,10 @@ class TrainConfig:
                           "per step, output references chained), compiled-graph (a Ray Compiled Graph: "
                           "shared-memory channels on the cpu, NCCL on GPUs) or auto (the one measured best "
                           "for the stages' device)", choices=TRANSPORTS, section="ray")
+    replicas: str = flag("1", "data-parallel replicas per stage, each on its own device (CPU bundle or GPU), "
+                         "splitting the micro-batch's clips and summing gradients with an all-reduce: one count "
+                         "for every stage, one per stage, or auto (the cluster's spare devices to the slowest "
+                         "stages by measured step time)", metavar="R|R1,R2,...|auto", section="ray")
     placement: str = flag("pack", "placement-group strategy: pack, or spread (one stage per node)",
                           choices=PLACEMENTS, section="ray")
     cpus_per_stage: float = flag(1.0, "CPUs reserved per stage (its torch threads)", section="ray")
@@ -169,6 +173,8 @@ class TrainConfig:
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
             (self.balance in BALANCES, f"--balance must be one of {list(BALANCES)}", self.balance),
             (self.transport in TRANSPORTS, f"--transport must be one of {list(TRANSPORTS)}", self.transport),
+            (self.replicas == "auto" or _replica_counts_ok(self.replicas, self.clips),
+             f"--replicas must be auto or counts >= 1 that divide --clips {self.clips}", self.replicas),
             (self.cpus_per_stage > 0, "--cpus-per-stage must be > 0", self.cpus_per_stage),
             (self.gpus_per_stage is None or self.gpus_per_stage >= 0, "--gpus-per-stage must be >= 0",
              self.gpus_per_stage),
@@ -217,6 +223,14 @@ class TrainConfig:
             return cls(**d)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def _replica_counts_ok(text: str, clips: int) -> bool:
+    try:
+        counts = _numbers(int)(text)
+    except ValueError:
+        return False
+    return all(r >= 1 and clips % r == 0 for r in counts)
 
 
 def _typed(value: Any, kind: str, where: str) -> Any:

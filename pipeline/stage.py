@@ -31,6 +31,7 @@ import torch
 from pipeline.checkpoints import CheckpointStore, Ledger, Part
 from pipeline.errors import CheckpointError, StageError
 from workers.learner import Learner, LearnerSpec, LearnerStack
+from workers.replicas import ReplicaGroup
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,20 @@ class Stage:
         self.ledger = Ledger()  # micro-batches applied, restored with the state: exactly-once evidence
         self.window = BusyWindow()
         self._report = report  # where each StepReport also goes (the actor's gauges), besides the caller
+        self.group: ReplicaGroup | None = None  # this stage's replica group, when it runs as R > 1 replicas
+
+    def set_group(self, group: ReplicaGroup | None) -> None:
+        """Run as one replica of a group (workers/replicas.py): `step` then takes this replica's share of the
+        clips, and every replica's learners compute the whole micro-batch's loss and gradient."""
+        self.group = group
+        for learner in self.stack.learners:
+            learner.group = group
 
     def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True,
              ) -> tuple[np.ndarray | None, StepReport]:
-        """Learn from micro-batch m; return this stage's output (None when `emit` is off) and a report."""
+        """Learn from micro-batch m; return this stage's output (None when `emit` is off) and a report. A
+        replica is given its share of the clips (workers/replicas.py `share`) and returns the whole
+        micro-batch's output."""
         start = time.time()
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
@@ -146,6 +157,8 @@ class Stage:
                 if not _finite(learner.modules().parameters()):
                     raise FloatingPointError(f"layer {layer + 1}: a weight became non-finite in this step "
                                              f"(loss {mt['loss']:.4g}; a smaller --lr?)")
+            if self.group is not None and emit:
+                out = self.group.gather_output(out)
             # .cpu() is a device sync on cuda; on the cpu .numpy() shares the tensor's memory, and the
             # only copy is Ray's into the object store.
             y = out.cpu().numpy() if emit else None

@@ -189,7 +189,7 @@ def test_stages_that_do_not_fit_fail_with_the_bundles_and_the_cluster_named(
     cfg = tiny_config(data, cpus_per_stage=3.0, run_dir=str(tmp_path / "bigrun"))  # 3 x 3 CPUs > 4
     spec, sampler = setup(cfg)
 
-    with pytest.raises(PlacementError, match=r"3 stage bundles \{'CPU': 3\.0\} \(PACK\)") as info:
+    with pytest.raises(PlacementError, match=r"3 bundles \{'CPU': 3\.0\} \(3 stages; PACK\)") as info:
         run_ray(cfg, spec, sampler, Recorder())
 
     assert "'CPU': 4.0" in str(info.value)  # the cluster's resources, to compare with

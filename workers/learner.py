@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from workers.layers import BlockSpec, Head, build_blocks, normalise, output_shapes, pool_features, pooled_size
 from workers.objectives import get_objective
+from workers.replicas import ReplicaGroup
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class Learner:
         if self.head is not None:
             self.head.to(self.device)
             params += list(self.head.parameters())
+        self.params = params
         self.optimizer = torch.optim.Adam(params, lr=spec.lr)
         self.steps = 0  # optimizer steps taken
+        self.group: ReplicaGroup | None = None  # set when this learner is one of a stage's replicas
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Outputs of every block for frames (N, ...), each normalised as the next block will see it."""
@@ -88,16 +91,22 @@ class Learner:
         return outs
 
     def step(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Learn from one micro-batch x (B, T, ...) and emit this learner's output (B, T, ...)."""
+        """Learn from one micro-batch x (B, T, ...) and emit this learner's output (B, T, ...). In a replica
+        group x is this replica's share of the micro-batch's clips, and so is the output."""
         assert not x.requires_grad, "a learner's input must arrive detached"
         b, t = x.shape[:2]
         y = self._top(x.flatten(0, 1))
         e = pool_features(y, self.grid)
         if self.head is not None:
             e = self.head(e)
-        result = self.objective(e.view(b, t, -1), self.delta)
+        e = e.view(b, t, -1)
+        if self.group is not None:  # [Note: replicas equal the loop] in workers/replicas.py
+            e = self.group.gather(e)
+        result = self.objective(e, self.delta)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
+        if self.group is not None:
+            self.group.reduce_grads(self.params)
         self.optimizer.step()
         self.steps += 1
         out = normalise(y, self.spec.norm).detach()  # [Note: the detach boundary]

@@ -4,7 +4,7 @@
     local.py       in one process: the sequential layer-local loop, and end-to-end backprop
     ray_engine.py  the asynchronous pipeline: one Ray actor per stage
     cluster.py     joining a Ray cluster (failing fast when there is none), or starting one here
-    placement.py   one placement-group bundle per stage, the named stage actors
+    placement.py   one placement-group bundle per stage (and replica), the named stage actors
     transport.py   how activations travel stage to stage: object-store references or a compiled graph
     recovery.py    which failures are retried, how stages come back, when a run gives up
     actors.py      the one place a stage becomes a Ray actor, and Ray's errors become lamina's
@@ -25,10 +25,9 @@ def prepare(cfg: TrainConfig, log: Path | None = None) -> None:
     Ray's start-up output goes instead of the terminal."""
     if cfg.engine == "ray":
         from pipeline.engines.cluster import connect
-        from pipeline.stage import partition
+        from pipeline.engines.placement import cpus_needed
 
-        connect(cfg.address, len(partition(cfg.n_layers, cfg.layers_per_stage)) * cfg.cpus_per_stage,
-                cfg.connect_timeout, log)
+        connect(cfg.address, cpus_needed(cfg), cfg.connect_timeout, log)
 
 
 def engine_for(name: str) -> Engine:

@@ -8,22 +8,48 @@ caller's: pipeline/engines/placement.py.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import torch
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipeline.checkpoints import CheckpointStore
 from pipeline.errors import LaminaError, StageError, StageLost
-from pipeline.stage import Hop, HopResult, Stage
+from pipeline.stage import Hop, HopResult, Stage, StepReport
 from pipeline.telemetry.gauges import StageGauges
 from workers.learner import LearnerSpec
+from workers.replicas import ReplicaGroup, ReplicaLost, free_port, share
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "lamina"  # Ray namespace of the stage actors: `ray list actors` / ray.get_actor(name, NAMESPACE)
+PING_TIMEOUT_S = 60.0  # how long a replica may take to answer whether it is alive (a collective may hold it)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Where a stage's replicas 1 .. R-1 go: bundles of the run's placement group, one each (replica 0, the
+    stage actor itself, is in the stage's own bundle)."""
+
+    pg: Any  # the run's PlacementGroup
+    bundles: tuple[int, ...]  # bundle index of replica 1, 2, ...
+    cpus: float
+    gpus: float
+    timeout_s: float  # how long a replica waits for the others in a collective (workers/replicas.py)
 
 
 class _StageActor(Stage):
+    """A stage in a Ray actor. With `replicas`, it is replica 0 of its stage and drives the others
+    ([Note: replica groups])."""
+
     def __init__(self, spec: LearnerSpec, first: int, last: int, index: int, run_id: str, name: str,
-                 threads: int, device: str) -> None:
+                 threads: int, device: str, replicas: Replicas | None = None) -> None:
         # The CPU reservation is the thread budget: more threads than reserved cores would make stages sharing
         # a node steal from each other. It also fixes the kernels' reduction order, which the bit-for-bit
         # transparency test relies on (the reference runs with the same count).
@@ -34,12 +60,106 @@ class _StageActor(Stage):
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         super().__init__(spec, first, last, index, name=name, device=device,
                          report=StageGauges(run_id, index).record)
+        self._args = (spec, first, last, index, run_id)
+        self.replicas = replicas
+        self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
+        self._spawned = 0  # followers started so far: each gets a fresh name
+        if replicas is not None:
+            self.followers = [self._spawn(r) for r in range(1, len(replicas.bundles) + 1)]
+            self._form_group()
 
     def __repr__(self) -> str:  # the Repr column of the dashboard's Actors page
         return f"{self.name} layers {[k + 1 for k in self.layers]} on {self.device}"
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    # [Note: replica groups]
+    # A stage of R replicas is one stage actor to the driver and to every transport: replica 0. It starts the
+    # other R - 1 in their bundles (they are its children: they die with it), forms the torch.distributed
+    # group (gloo on the cpu, NCCL on GPUs; loopback when all are on this node), and on each step hands
+    # replica r its share of the clips, steps its own share, and waits for theirs. Inside the step the
+    # replicas gather the embeddings and sum the gradients (workers/replicas.py), so every replica ends the
+    # step with the same weights: replica 0's barrier snapshot is the stage's. A replica that dies breaks
+    # the group's next collective (after at most `Replicas.timeout_s`): the step fails as ReplicaLost, the
+    # driver sees the stage lost and recovers ([Note: recovery]); the restore starts a new replica in the
+    # dead one's bundle, forms the group again and has every replica load the checkpoint.
+
+    def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True,
+             ) -> tuple[np.ndarray | None, StepReport]:
+        if not self.followers:
+            return super().step(m, x, emit)
+        size = len(self.followers) + 1
+        refs = [f.replica_step.remote(m, share(x, r, size), emit) for r, f in enumerate(self.followers, 1)]
+        y, report = super().step(m, share(x, 0, size), emit)
+        self._wait(refs)
+        return y, report
+
+    def replica_step(self, m: int, x: np.ndarray, emit: bool) -> None:
+        """Replica r's part of a step: its share in, the whole batch's loss and gradient, nothing out."""
+        super().step(m, x, emit)
+
+    def join_group(self, address: str, rank: int, size: int, timeout_s: float) -> None:
+        self.set_group(ReplicaGroup.join(address, rank, size, self.device, timeout_s))
+
+    def load(self, states: list[dict], ledger: list[list[int]] | None = None) -> None:
+        refs = [f.load.remote(states, ledger) for f in self.followers]
+        super().load(states, ledger)
+        self._wait(refs)
+
+    def restore(self, store: CheckpointStore, step: int) -> int:
+        if self.replicas is not None:
+            self._heal()
+        refs = [f.restore.remote(store, step) for f in self.followers]
+        super().restore(store, step)
+        self._wait(refs)
+        return step
+
+    def _spawn(self, r: int) -> Any:
+        assert self.replicas is not None
+        self._spawned += 1
+        spec, first, last, index, run_id = self._args
+        return ray.remote(_StageActor).options(
+            name=f"{self.name}-replica{r}" + (f"-{self._spawned}" if self._spawned > r else ""), namespace=NAMESPACE,
+            num_cpus=self.replicas.cpus, num_gpus=self.replicas.gpus, max_restarts=0, max_task_retries=0,
+            max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.replicas.pg, placement_group_bundle_index=self.replicas.bundles[r - 1]),
+        ).remote(spec, first, last, index, run_id, f"{self.name}-replica{r}", self.threads, str(self.device))
+
+    def _form_group(self) -> None:
+        """Form the replica group (again): rank 0 here, listening on loopback when every replica is on this
+        node, else on this node's address."""
+        assert self.replicas is not None
+        here = ray.get_runtime_context().get_node_id()
+        nodes = [info["node_id"] for info in ray.get([f.info.remote() for f in self.followers])]
+        host = "127.0.0.1" if all(n == here for n in nodes) else ray.util.get_node_ip_address()
+        address, size = f"{host}:{free_port(host)}", len(self.followers) + 1
+        refs = [f.join_group.remote(address, r, size, self.replicas.timeout_s) for r, f in enumerate(self.followers, 1)]
+        self.join_group(address, 0, size, self.replicas.timeout_s)
+        ray.get(refs)
+        logger.info("%s: replica group of %d formed at %s", self.name, size, address)
+
+    def _heal(self) -> None:
+        """Replace the replicas that do not answer, then form the group again (a loss broke it)."""
+        for r, f in enumerate(self.followers, 1):
+            try:
+                ray.get(f.info.remote(), timeout=PING_TIMEOUT_S)
+            except (RayError, GetTimeoutError):
+                ray.kill(f, no_restart=True)
+                self.followers[r - 1] = self._spawn(r)
+                logger.warning("%s: replica %d replaced", self.name, r)
+        self._form_group()
+
+    def _wait(self, refs: list[Any]) -> None:
+        """The other replicas' part of a call; a replica gone is ReplicaLost (the driver recovers the stage)."""
+        try:
+            ray.get(refs)
+        except RayTaskError as e:
+            if isinstance(e.cause, LaminaError):
+                raise e.cause from e
+            raise
+        except RayError as e:
+            raise ReplicaLost(f"{self.name}: a replica is gone ({type(e).__name__})") from e
 
     # A compiled graph (pipeline/engines/transport.py) runs these in a thread of its own. OpenMP's thread
     # count is per thread, so the budget is set again there: the same count is what keeps the kernels'
@@ -67,6 +187,7 @@ def get(ref: Any, stage: int, micro_batch: int | None, actor: str, fetch: Any = 
       a StageError raised in a stage (possibly one below, which failed first)   StageError, as raised
       another of lamina's errors raised in the stage (a checkpoint it refused)  that error
       any other exception raised by the stage's own code                        StageError (not retried)
+      a replica of the stage gone (ReplicaLost)                                 StageLost (recoverable)
       anything else: the actor, or the one that produced its input, is gone     StageLost (recoverable)
     `fetch`: how to get it (a compiled graph's result: without Ray's default timeout).
     """
@@ -74,6 +195,10 @@ def get(ref: Any, stage: int, micro_batch: int | None, actor: str, fetch: Any = 
         return fetch(ref)
     except RayError as e:
         cause = getattr(e, "cause", None)
+        if isinstance(cause, StageError) and isinstance(cause.cause, ReplicaLost):
+            cause = cause.cause
+        if isinstance(cause, ReplicaLost):  # one of the stage's replicas is gone: recoverable, as the stage's own loss
+            raise StageLost(stage, micro_batch, cause, actor) from e
         if isinstance(cause, StageError):
             raise StageError(cause.stage, cause.micro_batch, cause.cause, cause.actor) from e
         if isinstance(e, RayTaskError) and isinstance(cause, LaminaError):

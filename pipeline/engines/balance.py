@@ -41,6 +41,35 @@ def stage_ranges(n_layers: int, per_stage: int, balance: str, spec: LearnerSpec 
     return partition_by_cost(measure_layers(spec, clips, clip_len, threads), len(even))
 
 
+def replica_counts(text: str, stages: int, clips: int, costs: Sequence[float] = (), slots: int = 0) -> list[int]:
+    """Each stage's replica count from `--replicas text`: one count for every stage, one per stage, or
+    `auto`: the devices beyond one per stage (`slots` in all) go one at a time to the stage whose step time
+    per replica (`costs`: each stage's measured step time) is largest, as long as the clips still split into
+    equal shares. A pipeline runs at the pace of its slowest stage; a replica divides that stage's time."""
+    from pipeline.errors import ConfigError
+
+    if text != "auto":
+        counts = [int(v) for v in text.split(",")]
+        if len(counts) == 1:
+            counts *= stages
+        if len(counts) != stages or any(r < 1 or clips % r for r in counts):
+            raise ConfigError(f"--replicas {text}: needs one count, or one per stage ({stages}), each >= 1 and "
+                              f"dividing --clips {clips}")
+        return counts
+    counts = [1] * stages
+    spare = slots - stages
+    while spare > 0:
+        grow = [(costs[k] / counts[k], k, r) for k in range(stages)
+                for r in [next((r for r in range(counts[k] + 1, clips + 1) if clips % r == 0), 0)]
+                if r and r - counts[k] <= spare]
+        if not grow:
+            break
+        _, k, r = max(grow)
+        spare -= r - counts[k]
+        counts[k] = r
+    return counts
+
+
 def partition_by_cost(costs: Sequence[float], stages: int) -> list[Range]:
     """The split of layers [0, len(costs)) into `stages` non-empty consecutive ranges whose largest summed
     cost is smallest (ties: the earliest boundaries). Exact: dynamic programming over prefix sums, O(S n^2)."""

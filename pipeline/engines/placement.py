@@ -30,18 +30,19 @@ from typing_extensions import Self  # typing.Self from Python 3.11; typing_exten
 
 from pipeline import storage
 from pipeline.config import TrainConfig
-from pipeline.engines.actors import get, stage_actor_class
-from pipeline.engines.balance import stage_ranges
+from pipeline.engines.actors import NAMESPACE, Replicas, get, stage_actor_class
+from pipeline.engines.balance import measure_layers, replica_counts, stage_ranges
 from pipeline.engines.transport import Transport, make_transport, resolve
 from pipeline.errors import ConfigError, PlacementError, StageLost
 from pipeline.rundir import checkpoint_location
+from pipeline.stage import partition
 from workers.learner import LearnerSpec
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "lamina"  # Ray namespace of the stage actors: `ray list actors` / ray.get_actor(name, NAMESPACE)
 PLACEMENT_TIMEOUT_S = 60.0  # how long to wait for the cluster to fit the stages before giving up
 PING_TIMEOUT_S = 60.0  # how long a stage may take to answer whether it is alive (its queue drains first)
+REPLICA_TIMEOUT_S = 60.0  # a replica group's collective waits this long for a lost replica before failing
 STARTS = 4  # attempts to bring every stage actor up when some die while starting
 
 
@@ -67,6 +68,14 @@ def refuse_node_local_store(store: str, flag: str, nodes: dict[str, list[str]]) 
         f"a shared mount at PATH on every node (NFS, EFS, a shared volume)")
 
 
+def cpus_needed(cfg: TrainConfig) -> float:
+    """The CPUs the run's bundles reserve: one bundle per stage and per replica beyond the first (`auto`
+    replicas take what is spare, so count one per stage)."""
+    stages = len(partition(cfg.n_layers, cfg.layers_per_stage))
+    counts = [1] * stages if cfg.replicas == "auto" else replica_counts(cfg.replicas, stages, cfg.clips)
+    return sum(counts) * cfg.cpus_per_stage
+
+
 class StageActors:
     """The placed, named stage actors of one run, bottom to top.
 
@@ -86,6 +95,7 @@ class StageActors:
         self.info: list[dict[str, Any]] = []  # Stage.info() of each: node, device, layers, pid
         self.pg: PlacementGroup | None = None
         self.gpus = 0.0  # GPUs per stage (set by start)
+        self.replicas = [1] * len(self.ranges)  # each stage's replica count (set by start)
         self.transport: Transport = make_transport(resolve(cfg.transport, "cpu"), self)  # set again by start
         self._generation = 0  # bumped per replacement round: replacement actors get fresh names
 
@@ -111,14 +121,18 @@ class StageActors:
         else:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         self.transport = make_transport(resolve(cfg.transport, "cuda" if self.gpus else "cpu"), self)
+        self.replicas = self._replica_counts()
         bundle = {"CPU": cfg.cpus_per_stage, **({"GPU": self.gpus} if self.gpus else {})}
         strategy = cfg.placement.upper()
-        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name=f"lamina-{self.run_id}")
+        total = sum(self.replicas)  # the stages' own bundles 0 .. n-1, then their other replicas'
+        self.pg = placement_group([dict(bundle) for _ in range(total)], strategy=strategy, name=f"lamina-{self.run_id}")
         if not self.pg.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
             raise PlacementError(
-                f"could not place {n} stage bundles {bundle} ({strategy}) within {PLACEMENT_TIMEOUT_S:g}s: "
-                f"the cluster has {ray.cluster_resources()}, of which {ray.available_resources()} free. "
-                f"Lower --cpus-per-stage, raise --layers-per-stage, or add nodes.")
+                f"could not place {total} bundles {bundle} ({n} stages"
+                f"{f', replicas {self.replicas}' if total > n else ''}; {strategy}) "
+                f"within {PLACEMENT_TIMEOUT_S:g}s: the cluster has {ray.cluster_resources()}, of which "
+                f"{ray.available_resources()} free. Lower --cpus-per-stage or --replicas, raise "
+                f"--layers-per-stage, or add nodes.")
         self._check_store()
         self.handles = [self._spawn(k) for k in range(n)]
         self.info = [{} for _ in range(n)]
@@ -136,6 +150,29 @@ class StageActors:
             logger.info("%s: layers %s on node %s (%s, %d thread(s))", i["name"], [k + 1 for k in i["layers"]],
                         i["node_id"][:8], i["device"], i["threads"])
 
+    def _replica_counts(self) -> list[int]:
+        """Each stage's replica count (--replicas); `auto` measures the stages' step times and counts the
+        cluster's devices: its GPUs, or its CPUs in --cpus-per-stage bundles."""
+        cfg, n = self.cfg, len(self.ranges)
+        if cfg.replicas != "auto":
+            return replica_counts(cfg.replicas, n, cfg.clips)
+        resources = ray.cluster_resources()
+        slots = int(resources.get("GPU", 0) // self.gpus) if self.gpus else int(resources.get("CPU", 0) // cfg.cpus_per_stage)
+        costs = measure_layers(self.spec, cfg.clips, cfg.clip_len, max(1, int(cfg.cpus_per_stage)))
+        counts = replica_counts("auto", n, cfg.clips, [sum(costs[a:b]) for a, b in self.ranges], slots)
+        logger.info("--replicas auto: %s over %d devices (stage step times %s ms)", counts, slots,
+                    [round(1000 * sum(costs[a:b]), 1) for a, b in self.ranges])
+        return counts
+
+    def _followers(self, k: int) -> Replicas | None:
+        """Where stage k's replicas beyond the first go: the bundles after the stages' own."""
+        if self.replicas[k] == 1:
+            return None
+        assert self.pg is not None
+        first = len(self.ranges) + sum(r - 1 for r in self.replicas[:k])
+        return Replicas(self.pg, tuple(range(first, first + self.replicas[k] - 1)), self.cfg.cpus_per_stage,
+                        self.gpus, REPLICA_TIMEOUT_S)
+
     def _check_store(self) -> None:
         """Refuse a node-local checkpoint store when the placed bundles and the driver span several nodes."""
         assert self.pg is not None
@@ -143,6 +180,9 @@ class StageActors:
         roles: dict[str, list[str]] = {ray.get_runtime_context().get_node_id(): ["the driver"]}
         for k in range(len(self.ranges)):
             roles.setdefault(bundles[k], []).append(f"stage {k}")
+            followers = self._followers(k)
+            for r, b in enumerate(followers.bundles if followers else (), 1):
+                roles.setdefault(bundles[b], []).append(f"stage {k} replica {r}")
         ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         flag = "--checkpoint-uri" if self.cfg.checkpoint_uri else "--run-dir"
         refuse_node_local_store(checkpoint_location(self.cfg), flag,
@@ -162,7 +202,7 @@ class StageActors:
             max_restarts=0, max_task_retries=0, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
         ).remote(self.spec, first, last, k, self.run_id, self.names[k], max(1, int(self.cfg.cpus_per_stage)),
-                 "cuda" if self.gpus else "cpu")
+                 "cuda" if self.gpus else "cpu", self._followers(k))
 
     def replace_dead(self) -> None:
         """Replace every stage actor that does not answer, in its own bundle. The transport is reset first: a

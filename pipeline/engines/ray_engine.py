@@ -39,12 +39,11 @@ from pipeline.engines.base import (
     make_schedule,
 )
 from pipeline.engines.cluster import connect
-from pipeline.engines.placement import StageActors
+from pipeline.engines.placement import StageActors, cpus_needed
 from pipeline.engines.recovery import MAX_RECOVERIES, Recovery
 from pipeline.errors import CheckpointError, StageLost
 from pipeline.schedule import Commit, Schedule, Snapshot, Step, Wait
 from pipeline.sources import Source
-from pipeline.stage import partition
 from pipeline.telemetry.gauges import DriverGauges
 from workers.learner import LearnerSpec
 
@@ -58,8 +57,7 @@ def run_ray(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnStep
             resume: Checkpoint | None = None, store: CheckpointStore | None = None,
             control: RunControl | None = None, health: BarrierHealth | None = None) -> EngineResult:
     """Train micro-batches [resume step or 0, cfg.steps) through one Ray actor per stage."""
-    connect(cfg.address, len(partition(len(spec.blocks), cfg.layers_per_stage)) * cfg.cpus_per_stage,
-            cfg.connect_timeout)
+    connect(cfg.address, cpus_needed(cfg), cfg.connect_timeout)
     with StageActors(cfg, spec) as actors:
         pipe = RayPipeline(actors, store, control, health)
         start = 0
