@@ -38,7 +38,7 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert [(s["stages"], s["clips"]) for s in res["scaling"]] == [(2, 4)]
     assert all(s["rate"] > 0 and 0 < s["efficiency"] < 1.5 for s in res["scaling"])
     memory = res["memory"][4]
-    assert set(memory) == {"layers 0-0", "layers 1-1", "e2e 0-1"}  # (tiny layers: peaks within allocator slack)
+    assert set(memory) == {"layers 0-0", "layers 1-1", "layers 0-1", "e2e 0-1"}  # (tiny layers: peaks within allocator slack)
     assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
     assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
     assert all(h["ms"]["compiled-graph"] > h["ms"]["memcpy"] for h in res["hops"])
@@ -46,6 +46,10 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert set(res["by_transport"]) == {"object-store", "compiled-graph"}
     assert all(v["rate"] > 0 for v in res["by_transport"].values())
     assert "## Transports side by side" in table
+    # The whole network as one stage of 1 and of 2 replicas.
+    assert [r["replicas"] for r in res["replicas"]["rows"]] == [1, 2]
+    assert all(r["rate"] > 0 for r in res["replicas"]["rows"]) and res["replicas"]["rows"][0]["scaling_efficiency"] == 1
+    assert "## Replicas" in table
 
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["headline"]["rate"] == pytest.approx(head["rate"])

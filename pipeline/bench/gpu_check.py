@@ -15,6 +15,9 @@
        The compiled-graph transport carries the stages' host (numpy) outputs through shared memory here
        too: the NCCL path (device tensors between GPUs) is not built yet, so this measures its control
        path on a GPU machine, not device-to-device transfer.
+    4. replicas, where the machine has 2 or more GPUs: the whole network as one stage of R = 1 and R = the
+       GPU count replicas, one GPU each (NCCL all-gather and all-reduce between them; NCCL refuses two ranks
+       on one device, so a one-GPU machine skips this and says so).
 
 Exits 2 with a message when no CUDA device is visible. Prints one table; `--json PATH` also writes it.
 """
@@ -106,16 +109,18 @@ def ray_hop(nbytes: int, rounds: int) -> float:
 
 
 def pipeline_rate(stages: int, clips: int, steps: int, warmup: int, transport: str = "object-store",
-                  balance: str = "even") -> float:
-    """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (--gpus-per-stage 1/S):
-    the engine's own placement, actors and schedule, nothing re-implemented."""
+                  balance: str = "even", replicas: int = 1) -> float:
+    """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (--gpus-per-stage 1/S),
+    or with R replicas of one GPU each: the engine's own placement, actors and schedule, nothing
+    re-implemented."""
     from pipeline.config import TrainConfig
     from pipeline.engines.ray_engine import run_ray
     from pipeline.sources import ClipSampler, load_videos
 
     n = len(LAYERS.split(","))
     cfg = TrainConfig(layers=LAYERS, clips=clips, steps=warmup + steps + 1, layers_per_stage=n // stages,
-                      gpus_per_stage=1 / stages, checkpoint_every=0, transport=transport, balance=balance)
+                      gpus_per_stage=1 / stages if replicas == 1 else 1.0, checkpoint_every=0,
+                      transport=transport, balance=balance, replicas=str(replicas))
     videos = load_videos(cfg.data, cfg.size, "train")
     sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
     ends: dict[int, float] = {}
@@ -179,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                 rates[key] = pipeline_rate(s, args.clips, args.steps, 5, transport, balance)
                 lines.append(f"| {s} | {transport} | {balance} | {rates[key]:.2f} | {ideal:.2f} | "
                              f"{rates[key] / ideal:.2f} |")
+    gpus = torch.cuda.device_count()
+    if gpus >= 2:
+        lines += ["", "| replicas (1 stage, a GPU each) | mb/s | vs R = 1, per replica |", "|---|---|---|"]
+        for r in (1, gpus):
+            rates[f"R={r}"] = pipeline_rate(1, args.clips, args.steps, 5, replicas=r)
+            lines.append(f"| {r} | {rates[f'R={r}']:.2f} | {rates[f'R={r}'] / (r * rates['R=1']):.2f} |")
+    else:
+        lines.append("\nreplicas: skipped (one GPU: NCCL needs a device per replica)")
     lines.append(f"\ntook {time.perf_counter() - t0:.0f} s")
     print("\n".join(lines))
     if args.json:

@@ -65,6 +65,15 @@ def format_tables(res: dict[str, Any]) -> str:
                    f" | {bl['balanced_imbalance']:.2f} | {' / '.join(f'{t * 1e3:.0f}' for t in bl['balanced_t_iso_s'])}"
                    f" | {bl['balanced_rate']:.2f} | {bl['balanced_vs_sequential']['sequential 1t']:.2f}x | "
                    f"{bl['balanced_vs_sequential'][f'sequential {cores}t']:.2f}x |")]
+    if res.get("replicas"):
+        rp = res["replicas"]
+        lines += ["", (f"## Replicas: the whole network as one stage of R data-parallel replicas (B = {rp['clips']}, "
+                       f"1 CPU each; the stage alone: {rp['t_iso_s'] * 1e3:.0f} ms per micro-batch)"), "",
+                  (f"| R | mb/s | vs R = {rp['rows'][0]['replicas']}, per replica | vs sequential 1t | "
+                   f"vs sequential {cores}t |"), "|---|---|---|---|---|"]
+        lines += [f"| {r['replicas']} | {r['rate']:.2f} | {r['scaling_efficiency']:.2f} | "
+                  f"{r['vs_sequential']['sequential 1t']:.2f}x | {r['vs_sequential'][f'sequential {cores}t']:.2f}x |"
+                  for r in rp["rows"]]
     lines += ["", f"## Scaling (one run each; {cores} cores: S > {cores} is oversubscribed)", "",
               ("| S | B | mb/s | stage t_iso (ms) | efficiency | vs ideal | vs sequential "
               f"{cores}t | vs sequential 1t | vs e2e {cores}t |"), "|---|---|---|---|---|---|---|---|---|"]

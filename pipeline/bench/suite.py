@@ -81,6 +81,7 @@ class BenchConfig:
     # headline's own numbers)
     pipeline_transports: tuple[str, ...] = ("object-store", "compiled-graph")
     balance: bool = True  # also run the headline's S split by measured layer times (--balance auto)
+    replicas: tuple[int, ...] = (1, 2)  # R of the replica section: the whole network as one stage of R replicas
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)  # threads of the in-process baselines
     sources: SourceBenchConfig | None = None  # the source throughput section (pipeline/bench/sources.py); None: off
@@ -126,10 +127,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     sources: dict[int, Source] = {}  # one per micro-batch size: any data spec, streamed ones too
     total = cfg.warmup + cfg.steps + 1
 
-    def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = "object-store") -> TrainConfig:
+    def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = "object-store",
+                  replicas: int = 1) -> TrainConfig:
         return TrainConfig(data=cfg.data, layers=cfg.layers, clips=clips, clip_len=cfg.clip_len, size=cfg.size,
                            steps=total, engine=engine, layers_per_stage=n_layers // stages,
-                           queue_depth=cfg.queue_depth, cpus_per_stage=1.0, transport=transport)
+                           queue_depth=cfg.queue_depth, cpus_per_stage=1.0, transport=transport,
+                           replicas=str(replicas))
 
     def sampler(clips: int) -> Source:
         if clips not in sources:
@@ -141,7 +144,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "machine": _machine()}
 
     # 1. Isolation step times and peak memory of every range any split needs, and of e2e, per micro-batch size.
-    ranges = sorted({r for s in cfg.stages for r in split(n_layers, s)} | set(split(n_layers, cfg.headline_stages)))
+    ranges = sorted({r for s in cfg.stages for r in split(n_layers, s)} | set(split(n_layers, cfg.headline_stages))
+                    | ({(0, n_layers)} if cfg.replicas else set()))
     iso: dict[int, dict[Range, float]] = {}
     memory: dict[int, dict[str, float]] = {}
     for clips in sorted({*cfg.scaling_clips, cfg.clips}):
@@ -215,6 +219,20 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     for p in corun_probes:
         ray.kill(p)
     results["headline_runs"] = runs
+    # 2c. Replicas: the whole network as one stage (S = 1) of R data-parallel replicas, 1 CPU each, each R
+    # measured in turn right after the other; R = 1 is the same stage alone in a pipeline.
+    if cfg.replicas:
+        base = results["headline"]["baselines"]
+        rows = []
+        for r in cfg.replicas:
+            progress(f"replicas R={r}, S=1, B={b_head}")
+            with StageActors(train_cfg(b_head, "ray", 1, replicas=r), spec) as actors:
+                rate = pipeline_run(RayPipeline(actors), sampler(b_head), 0, cfg.warmup, cfg.steps)["rate"]
+            rows.append({"replicas": r, "rate": rate,
+                         "vs_sequential": {k: rate / v for k, v in base.items() if k.startswith("sequential")}})
+        for row in rows:  # data-parallel efficiency: R replicas against R times one
+            row["scaling_efficiency"] = row["rate"] / (row["replicas"] * rows[0]["rate"] / rows[0]["replicas"])
+        results["replicas"] = {"clips": b_head, "t_iso_s": iso[b_head][(0, n_layers)], "rows": rows}
 
     # 3. Scaling over S and B (one run each, isolation times from step 1; the headline's S and B reuse its
     # medians).
