@@ -19,7 +19,7 @@ from workers.objectives import OBJECTIVES
 
 ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
-TRANSPORTS = ("auto", "object-store", "compiled-graph")  # pipeline/engines/transport.py
+TRANSPORTS = ("auto", "object-store", "direct", "compiled-graph")  # pipeline/engines/transport.py
 BALANCES = ("even", "auto")  # pipeline/engines/balance.py
 
 
@@ -97,9 +97,10 @@ class TrainConfig:
                         "stages, split by each layer's step time, measured before the run starts)",
                         choices=BALANCES, section="ray")
     transport: str = flag("object-store", "how activations travel between stages: object-store (a Ray call "
-                          "per step, output references chained), compiled-graph (a Ray Compiled Graph: "
-                          "shared-memory channels on the cpu, NCCL on GPUs) or auto (the one measured best "
-                          "for the stages' device)", choices=TRANSPORTS, section="ray")
+                          "per step, output references chained), direct (Ray Direct Transport: tensors sent stage to stage over a "
+                          "collective group, gloo on the cpu, NCCL between GPUs), compiled-graph (a Ray Compiled Graph: "
+                          "shared-memory channels, no call per step) or auto (the one measured best for the "
+                          "stages' device)", choices=TRANSPORTS, section="ray")
     replicas: str = flag("1", "data-parallel replicas per stage, each on its own device (CPU bundle or GPU), "
                          "splitting the micro-batch's clips and summing gradients with an all-reduce: one count "
                          "for every stage, one per stage, or auto (the cluster's spare devices to the slowest "

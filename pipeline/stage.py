@@ -135,11 +135,12 @@ class Stage:
         for learner in self.stack.learners:
             learner.group = group
 
-    def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True,
-             ) -> tuple[np.ndarray | None, StepReport]:
-        """Learn from micro-batch m; return this stage's output (None when `emit` is off) and a report. A
-        replica is given its share of the clips (workers/replicas.py `share`) and returns the whole
-        micro-batch's output."""
+    def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True, as_tensor: bool = False,
+             ) -> tuple[Any, StepReport]:
+        """Learn from micro-batch m; return this stage's output (None when `emit` is off) and a report. The
+        output is a numpy array on the cpu, or with `as_tensor` a torch tensor on the stage's device (for a
+        transport that carries tensors itself). A replica is given its share of the clips
+        (workers/replicas.py `share`) and returns the whole micro-batch's output."""
         start = time.time()
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
@@ -161,7 +162,7 @@ class Stage:
                 out = self.group.gather_output(out)
             # .cpu() is a device sync on cuda; on the cpu .numpy() shares the tensor's memory, and the
             # only copy is Ray's into the object store.
-            y = out.cpu().numpy() if emit else None
+            y = None if not emit else out.contiguous() if as_tensor else out.cpu().numpy()
         except Exception as e:
             raise StageError(self.index, m, e, self.name) from e
         self.ledger.add(m)

@@ -3,7 +3,7 @@ barrier checkpoints, a stage's own error stopping the run once, and a lost stage
 for a compiled graph, by tearing the graph down and compiling it again over the replaced actors.
 
 The object-store transport is what tests/test_pipeline.py and tests/test_recovery.py run by default; here
-the compiled graph runs the same checks.
+the compiled graph and Ray Direct Transport (gloo on the cpu) run the same checks.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pipeline.errors import ConfigError, StageError
 pytestmark = pytest.mark.timeout(240)
 
 CG = "compiled-graph"
+DIRECT = "direct"
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +64,13 @@ VARIANTS = {  # (overrides, stages, resume at)
 }
 
 
+@pytest.mark.parametrize("kind", [CG, DIRECT])
 @pytest.mark.parametrize("variant", [v if v != "mlp-top-depth-1" else pytest.param(v, marks=pytest.mark.slow)
                                      for v in VARIANTS])
-def test_compiled_graph_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str) -> None:
+def test_every_transport_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str,
+                                                                kind: str) -> None:
     overrides, stages, resume_at = VARIANTS[variant]
-    cfg = tiny_config(data, steps=10, transport=CG, **overrides)
+    cfg = tiny_config(data, steps=10, transport=kind, **overrides)
     piped, ref, piped_calls, ref_calls = piped_and_sequential(cfg, resume_at)
 
     assert {r.stage for _, reports in piped_calls.calls for r in reports} == set(range(stages))
@@ -121,14 +124,35 @@ def test_a_lost_stage_tears_the_graph_down_and_rebuilds_it_exactly_once_and_bit_
     assert run_actors(pipe.actors.run_id) == []
 
 
-def test_a_stage_error_in_the_graph_stops_the_run_once(ray_local: str, data8: str, tmp_path: Path) -> None:
-    cfg = small(data8, tmp_path, steps=8, checkpoint_every=2)
+@pytest.mark.parametrize("kind", [CG, DIRECT])
+def test_a_stage_error_stops_the_run_once(ray_local: str, data8: str, tmp_path: Path, kind: str) -> None:
+    cfg = small(data8, tmp_path, steps=8, checkpoint_every=2, transport=kind)
     spec, sampler = setup(cfg)
     with StageActors(cfg, spec) as actors:
         pipe = RayPipeline(actors, CheckpointStore(str(tmp_path / "ck")))
         with pytest.raises(StageError, match="micro-batch 4: FloatingPointError") as info:
             pipe.train(NaNAt(sampler, 4), 0, cfg.steps, Recorder())
         assert type(info.value) is StageError and pipe.recovery is not None and pipe.recovery.count == 0
+
+
+def test_a_lost_stage_with_the_direct_transport_is_recovered_exactly_once_and_bit_for_bit(
+        ray_local: str, data8: str, tmp_path: Path) -> None:
+    cfg = small(data8, tmp_path, transport=DIRECT)
+    spec, sampler = setup(cfg)
+    store = CheckpointStore(str(tmp_path / "ck"), keep=cfg.keep_checkpoints)
+    with StageActors(cfg, spec) as actors:
+        assert isinstance(actors.transport, transport.DirectTransport)
+        pipe = RayPipeline(actors, store)
+        first = list(actors.handles)
+        calls = Recorder(lambda m: ray.kill(actors.handles[1]) if m == 7 else None)
+        pipe.train(sampler, 0, cfg.steps, calls)
+        states, ledgers = pipe.states(), pipe.ledgers()
+        replaced = [a is not b for a, b in zip(first, actors.handles, strict=True)]
+    assert pipe.recovery is not None and pipe.recovery.count == 1
+    assert all(replaced)  # the group broke: every stage came back as a new actor, in a new group
+    assert calls.steps == list(range(cfg.steps))
+    assert all(lg.exactly_once(cfg.steps) for lg in ledgers), ledgers
+    assert state_differences(states, sequential(cfg, setup(cfg)[1])) == []
 
 
 def test_barriers_in_the_graph_checkpoint_a_stop_and_resume_equals_the_uninterrupted_run(

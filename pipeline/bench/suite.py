@@ -76,10 +76,10 @@ class BenchConfig:
     queue_depth: int = 2  # the pipeline's channel depth
     hop_sizes: tuple[int, ...] = SIZES  # activation sizes of the per-hop measurement
     hop_rounds: int = 8  # measured hops per size and transport
-    transports: tuple[str, ...] = ("numpy-ref", "compiled-graph")  # per-hop: the engine's transports; full adds all
+    transports: tuple[str, ...] = ("numpy-ref", "direct", "compiled-graph")  # per-hop: the engine's transports; full adds all
     # --transport values the headline pipeline runs with, side by side in every repeat (the first is the
     # headline's own numbers)
-    pipeline_transports: tuple[str, ...] = ("object-store", "compiled-graph")
+    pipeline_transports: tuple[str, ...] = ("object-store", "direct", "compiled-graph")
     balance: bool = True  # also run the headline's S split by measured layer times (--balance auto)
     replicas: tuple[int, ...] = (1, 2)  # R of the replica section: the whole network as one stage of R replicas
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
@@ -128,10 +128,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     total = cfg.warmup + cfg.steps + 1
 
     def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = "object-store",
-                  replicas: int = 1) -> TrainConfig:
+                  replicas: int = 1, cpus: float = 1.0) -> TrainConfig:
         return TrainConfig(data=cfg.data, layers=cfg.layers, clips=clips, clip_len=cfg.clip_len, size=cfg.size,
                            steps=total, engine=engine, layers_per_stage=n_layers // stages,
-                           queue_depth=cfg.queue_depth, cpus_per_stage=1.0, transport=transport,
+                           queue_depth=cfg.queue_depth, cpus_per_stage=cpus, transport=transport,
                            replicas=str(replicas))
 
     def sampler(clips: int) -> Source:
@@ -173,8 +173,11 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     iso_probe = actor(StageProbe)(cfg, spec, b_head, 1)
     corun_probes = [iso_probe, *(actor(StageProbe)(cfg, spec, b_head, 1) for _ in head_split[1:])]
     runs: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:  # one set of stage actors per transport, all alive, used in turn
-        pipes = {t: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t), spec)))
+    # One set of stage actors per transport, all alive, used in turn: as only one set runs at a time, each
+    # reserves its share of a CPU per stage (the thread budget stays 1: pipeline/engines/actors.py).
+    share = 1 / len(cfg.pipeline_transports)
+    with contextlib.ExitStack() as stack:
+        pipes = {t: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
                  for t in cfg.pipeline_transports}
         for r in range(cfg.repeats):
             progress(f"headline S={s_head}, B={b_head}: repeat {r + 1}/{cfg.repeats}")

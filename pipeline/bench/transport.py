@@ -13,6 +13,9 @@ machine, median over rounds after warm-up. Transports:
   torch-ref     the same with a torch tensor: pickled by value, so copied in and copied out again
   queue         numpy array put by value on a ray.util.queue.Queue (itself an actor: the item is
                 deserialised and re-serialised inside it) and taken by the consumer
+  direct        torch tensor by Ray Direct Transport (the engine's --transport direct): the producer's call
+                returns the tensor, Ray sends it to the consumer over a collective group of the two (gloo
+                on the cpu); only its description goes through the object store
   compiled-graph  numpy array from producer to consumer through a Ray Compiled Graph's shared-memory channel
                 (the engine's --transport compiled-graph): no per-call RPC, no object store; the driver
                 starts each round by writing the size into the graph's input channel
@@ -39,8 +42,8 @@ logger = logging.getLogger(__name__)
 
 KB, MB = 1024, 1024 * 1024
 SIZES = (64 * KB, 1 * MB, 16 * MB, 64 * MB)
-TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "compiled-graph")
-ENGINE_TRANSPORTS = {"numpy-ref": "object-store", "compiled-graph": "compiled-graph"}  # hop -> --transport
+TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "direct", "compiled-graph")
+ENGINE_TRANSPORTS = {"numpy-ref": "object-store", "direct": "direct", "compiled-graph": "compiled-graph"}  # hop -> --transport
 
 
 class _Producer:
@@ -48,6 +51,7 @@ class _Producer:
 
     def __init__(self) -> None:
         self.payloads: dict[int, np.ndarray] = {}
+        self.sent = 0.0  # when emit_tensor last handed its tensor over
 
     def _payload(self, nbytes: int) -> np.ndarray:
         if nbytes not in self.payloads:
@@ -62,6 +66,14 @@ class _Producer:
     def emit_stamped(self, nbytes: int) -> tuple[np.ndarray, float]:
         x = self._payload(nbytes)
         return x, time.time()  # the channel write happens after this: it is part of the hop
+
+    def emit_tensor(self, nbytes: int) -> torch.Tensor:
+        x = torch.from_numpy(self._payload(nbytes))
+        self.sent = time.time()  # the send over the collective group happens after this: part of the hop
+        return x
+
+    def last_sent(self) -> float:
+        return self.sent
 
     def put(self, queue: Any, nbytes: int) -> None:
         x = self._payload(nbytes)
@@ -105,6 +117,13 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
     producer: Any = ray.remote(num_cpus=0)(_Producer).remote()
     consumer: Any = ray.remote(num_cpus=0)(_Consumer).remote()
     queue = Queue(maxsize=1)
+    direct: list[Any] = []  # a producer and a consumer that can pass tensors over a gloo group
+    if "direct" in transports:
+        from ray.experimental.collective import create_collective_group
+
+        rdt = ray.remote(num_cpus=0, enable_tensor_transport=True)  # type: ignore[call-overload]  # (stubs lack it)
+        direct = [rdt(c).remote() for c in (_Producer, _Consumer)]
+        create_collective_group(direct, backend="torch_gloo")
     graph = None
     if "compiled-graph" in transports:
         from ray.dag import InputNode
@@ -121,6 +140,10 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
                 if transport == "compiled-graph":
                     assert graph is not None
                     sent, received = graph.execute(nbytes).get(timeout=-1)
+                elif transport == "direct":
+                    x = direct[0].emit_tensor.options(tensor_transport="gloo").remote(nbytes)
+                    received = ray.get(direct[1].take.remote(x))
+                    sent = ray.get(direct[0].last_sent.remote())
                 elif transport == "queue":
                     got = consumer.take_from.remote(queue)  # waiting on the queue before the put
                     ray.get(producer.put.remote(queue, nbytes))
@@ -138,7 +161,7 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
         logger.info("%s: %s", _size(nbytes), ms)
     if graph is not None:
         graph.teardown(kill_actors=True)
-    for actor in (producer, consumer):
+    for actor in (producer, consumer, *direct):
         ray.kill(actor)
     queue.shutdown()
     return rows

@@ -64,6 +64,7 @@ class _StageActor(Stage):
         self.replicas = replicas
         self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
         self._spawned = 0  # followers started so far: each gets a fresh name
+        self._direct: StepReport | BaseException | None = None  # step_direct's report, until take_report
         if replicas is not None:
             self.followers = [self._spawn(r) for r in range(1, len(replicas.bundles) + 1)]
             self._form_group()
@@ -85,15 +86,34 @@ class _StageActor(Stage):
     # driver sees the stage lost and recovers ([Note: recovery]); the restore starts a new replica in the
     # dead one's bundle, forms the group again and has every replica load the checkpoint.
 
-    def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True,
-             ) -> tuple[np.ndarray | None, StepReport]:
+    def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True, as_tensor: bool = False,
+             ) -> tuple[Any, StepReport]:
         if not self.followers:
-            return super().step(m, x, emit)
+            return super().step(m, x, emit, as_tensor)
         size = len(self.followers) + 1
         refs = [f.replica_step.remote(m, share(x, r, size), emit) for r, f in enumerate(self.followers, 1)]
-        y, report = super().step(m, share(x, 0, size), emit)
+        y, report = super().step(m, share(x, 0, size), emit, as_tensor)
         self._wait(refs)
         return y, report
+
+    # The direct transport (pipeline/engines/transport.py) takes a step's output as a tensor that Ray sends
+    # to the stage above over the collective group, and the report in a second call right behind it.
+
+    def step_direct(self, m: int, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        try:
+            y, self._direct = self.step(m, x, True, as_tensor=True)
+        except Exception as e:
+            self._direct = e
+            raise
+        return y
+
+    def take_report(self, m: int) -> StepReport:
+        """The report of step_direct(m), queued right behind it; its failure, if it failed."""
+        got, self._direct = self._direct, None
+        if isinstance(got, BaseException):
+            raise got
+        assert isinstance(got, StepReport) and got.micro_batch == m, (got, m)
+        return got
 
     def replica_step(self, m: int, x: np.ndarray, emit: bool) -> None:
         """Replica r's part of a step: its share in, the whole batch's loss and gradient, nothing out."""
@@ -176,8 +196,12 @@ class _StageActor(Stage):
         return super().hop(msg, emit=False)[1]
 
 
-def stage_actor_class() -> Any:
-    """`Stage` as a Ray actor class; the caller adds placement, name and resources as options."""
+def stage_actor_class(tensor_transport: bool = False) -> Any:
+    """`Stage` as a Ray actor class; the caller adds placement, name and resources as options. With
+    `tensor_transport`, its calls can return tensors over a collective group (Ray Direct Transport: a
+    background thread per actor receives them)."""
+    if tensor_transport:
+        return ray.remote(enable_tensor_transport=True)(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
     return ray.remote(_StageActor)
 
 

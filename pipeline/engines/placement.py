@@ -194,7 +194,7 @@ class StageActors:
         first, last = self.ranges[k]
         if self._generation:
             self.names[k] = f"lamina-{self.run_id}-stage{k}-r{self._generation}"
-        return stage_actor_class().options(
+        return stage_actor_class(self.transport.name == "direct").options(
             name=self.names[k], namespace=NAMESPACE, num_cpus=self.cfg.cpus_per_stage, num_gpus=self.gpus,
             # Ordered execution is what transparency rests on ([Note: channels] in pipeline/schedule.py): no
             # retries, one call at a time. No restarts either: a restarted actor would come back with its

@@ -9,6 +9,10 @@ writes a barrier snapshot right behind the step it belongs to.
     object-store     one Ray actor call per stage step; the output's object reference is chained into the
                      next stage's call, so the activation goes stage -> object store -> stage (numpy:
                      one copy in, zero-copy read) and never through the driver. ~1 ms of Ray per call.
+    direct           Ray Direct Transport: a stage's output stays a torch tensor, in the stage's memory (on
+                     its GPU), and Ray sends it straight to the stage above over a collective group of the
+                     stage actors (gloo on the cpu, NCCL between GPUs); only its small description and the
+                     report go through the object store, the report in a second call behind the step.
     compiled-graph   a Ray Compiled Graph over the stage actors, compiled once: the driver writes micro-batch
                      m into the graph's input channel, each stage reads the one below's output from a
                      shared-memory channel and writes its own for the stage above (on GPUs Ray can carry
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("object-store", "compiled-graph")
+TRANSPORTS = ("object-store", "direct", "compiled-graph")
 # `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG,
 # "transports side by side"): the compiled graph ran S = 2 at 1.40x and 1.50x the object store's rate in two
 # runs, and at 0.50x in a third, when other processes held 0.8 of the 2 cores: its channels are polled, and
@@ -88,6 +92,8 @@ class Transport(Protocol):
 def make_transport(name: str, actors: StageActors) -> Transport:
     if name == "object-store":
         return ObjectStoreTransport(actors)
+    if name == "direct":
+        return DirectTransport(actors)
     if name == "compiled-graph":
         return CompiledGraphTransport(actors)
     raise ConfigError(f"--transport must be one of {list(TRANSPORTS)} (got {name!r})")
@@ -143,6 +149,65 @@ class ObjectStoreTransport:
 
     def close(self) -> None:
         self.abandon()
+
+
+class DirectTransport(ObjectStoreTransport):
+    """Ray Direct Transport between the stages (module docstring). The driver still makes one call per stage
+    step, as with the object store, and one more for its report; a lost stage breaks the collective group:
+    `reset` destroys it and has every stage replaced, and the next `begin` forms a new one."""
+
+    name = "direct"
+
+    def __init__(self, actors: StageActors) -> None:
+        super().__init__(actors)
+        self._group: Any = None  # the collective group over the current stage actors
+
+    def begin(self, store: CheckpointStore | None) -> None:
+        super().begin(store)
+        if self._group is None and len(self.actors) > 1:
+            from ray.experimental.collective import create_collective_group
+
+            self._group = create_collective_group(list(self.actors.handles), backend=self._backend()[0])
+
+    def _backend(self) -> tuple[str, str]:
+        """(collective backend, tensor transport) for the stages' device."""
+        return ("nccl", "nccl") if self.actors.gpus else ("torch_gloo", "gloo")
+
+    def step(self, k: int, m: int, frames: np.ndarray | None) -> None:
+        h = self.actors.handles[k]
+        x = frames if k == 0 else self._outputs.pop((k - 1, m))
+        if k + 1 < len(self.actors):
+            self._outputs[(k, m)] = h.step_direct.options(tensor_transport=self._backend()[1]).remote(m, x)
+            self._pending[(k, m)] = h.take_report.remote(m)
+        else:
+            _, self._pending[(k, m)] = h.step.options(num_returns=2).remote(m, x, False)
+
+    def reset(self) -> None:
+        """A stage was lost: the group is broken, and every stage actor is killed so that all are replaced.
+        A survivor may still hold the old group, or wait on a transfer from the dead stage; and Ray itself
+        kills both ends of a failed transfer, up to RAY_rdt_fetch_fail_timeout_milliseconds (60 s) later:
+        a fresh set of actors is the one state a new group can be formed over."""
+        import ray
+
+        super().reset()
+        for h in self.actors.handles:
+            ray.kill(h, no_restart=True)
+        self._destroy()  # after the kills: a survivor's part of it would wait for the transfer it is stuck in
+
+    def close(self) -> None:
+        super().close()
+        self._destroy()
+
+    def _destroy(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        from ray.experimental.collective import destroy_collective_group
+
+        try:
+            destroy_collective_group(group)
+        except Exception as e:  # noqa: BLE001 - a group with a dead member may fail to tear down; it is dropped
+            logger.debug("destroy collective group: %s", e)
 
 
 class CompiledGraphTransport:
