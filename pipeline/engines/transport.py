@@ -55,9 +55,11 @@ TRANSPORTS = ("object-store", "direct", "compiled-graph")
 # "transports side by side"): the compiled graph ran S = 2 at 1.40x and 1.50x the object store's rate in two
 # runs, and at 0.50x in a third, when other processes held 0.8 of the 2 cores: its channels are polled, and
 # polling loses when the stages do not each have a core of their own. The object store never collapsed, so
-# it is the choice here; take `compiled-graph` where every stage (and the driver) has a core to itself. cuda:
-# not measured (no GPU lent), and the compiled graph's NCCL path is not built: the object store until
-# `python -m pipeline.bench.gpu_check` says otherwise.
+# it is the choice here; take `compiled-graph` where every stage (and the driver) has a core to itself.
+# `direct` (Ray Direct Transport over gloo) ran within a few percent of the object store in the same repeats
+# and costs more per hop below 16 MB: on the cpu it buys nothing. cuda: not measured (no GPU lent); `direct`
+# over NCCL is the candidate (device to device), and the compiled graph's NCCL path is not built: the object
+# store until `python -m pipeline.bench.gpu_check` says otherwise.
 AUTO = {"cpu": "object-store", "cuda": "object-store"}
 TEARDOWN_S = 5  # how long a survivor's graph loop may take to stop before it is killed and replaced
 
