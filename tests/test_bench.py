@@ -87,3 +87,14 @@ def test_gpu_check_fails_clearly_without_cuda() -> None:
     out = subprocess.run([sys.executable, "-m", "pipeline.bench.gpu_check"], check=False, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no CUDA device" in out.stderr
+
+
+def test_the_replica_breakdown_times_alone_halves_and_replicas(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.bench import replicas
+
+    assert replicas.main(["--clips", "4", "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["alone, the whole micro-batch", "2 processes, a share each, no group",
+                                                       "2 replicas"]
+    gathers = [float(v) for v in rows[2].split("|")[3].split("/")]
+    assert len(gathers) == 2 and all(v > 0 for v in gathers)  # both replicas spent time inside the gathers

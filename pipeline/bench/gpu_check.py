@@ -15,7 +15,10 @@
        The compiled-graph transport carries the stages' host (numpy) outputs through shared memory here
        too: the NCCL path (device tensors between GPUs) is not built yet, so this measures its control
        path on a GPU machine, not device-to-device transfer.
-    4. replicas, where the machine has 2 or more GPUs: the whole network as one stage of R = 1 and R = the
+    4. where the machine has 2 or more GPUs, S = 2 stages on a GPU each with --transport object-store (device
+       -> host -> object store -> host -> device) against --transport direct (Ray Direct Transport over NCCL,
+       device to device; NCCL refuses two ranks on one device, so it is not in 3);
+    5. replicas, where the machine has 2 or more GPUs: the whole network as one stage of R = 1 and R = the
        GPU count replicas, one GPU each (NCCL all-gather and all-reduce between them; NCCL refuses two ranks
        on one device, so a one-GPU machine skips this and says so).
 
@@ -109,7 +112,7 @@ def ray_hop(nbytes: int, rounds: int) -> float:
 
 
 def pipeline_rate(stages: int, clips: int, steps: int, warmup: int, transport: str = "object-store",
-                  balance: str = "even", replicas: int = 1) -> float:
+                  balance: str = "even", replicas: int = 1, own_gpus: bool = False) -> float:
     """Steady-state micro-batches/s of the Ray engine with S stages sharing the GPU (--gpus-per-stage 1/S),
     or with R replicas of one GPU each: the engine's own placement, actors and schedule, nothing
     re-implemented."""
@@ -119,7 +122,7 @@ def pipeline_rate(stages: int, clips: int, steps: int, warmup: int, transport: s
 
     n = len(LAYERS.split(","))
     cfg = TrainConfig(layers=LAYERS, clips=clips, steps=warmup + steps + 1, layers_per_stage=n // stages,
-                      gpus_per_stage=1 / stages if replicas == 1 else 1.0, checkpoint_every=0,
+                      gpus_per_stage=1 / stages if replicas == 1 and not own_gpus else 1.0, checkpoint_every=0,
                       transport=transport, balance=balance, replicas=str(replicas))
     videos = load_videos(cfg.data, cfg.size, "train")
     sampler = ClipSampler(videos, cfg.clips, cfg.clip_len, cfg.seed)
@@ -186,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"{rates[key] / ideal:.2f} |")
     gpus = torch.cuda.device_count()
     if gpus >= 2:
+        lines += ["", "| S = 2, a GPU each: --transport | mb/s |", "|---|---|"]
+        for transport in ("object-store", "direct"):
+            rates[f"S=2 own GPUs {transport}"] = pipeline_rate(2, args.clips, args.steps, 5, transport, own_gpus=True)
+            lines.append(f"| {transport} | {rates[f'S=2 own GPUs {transport}']:.2f} |")
         lines += ["", "| replicas (1 stage, a GPU each) | mb/s | vs R = 1, per replica |", "|---|---|---|"]
         for r in (1, gpus):
             rates[f"R={r}"] = pipeline_rate(1, args.clips, args.steps, 5, replicas=r)
             lines.append(f"| {r} | {rates[f'R={r}']:.2f} | {rates[f'R={r}'] / (r * rates['R=1']):.2f} |")
     else:
-        lines.append("\nreplicas: skipped (one GPU: NCCL needs a device per replica)")
+        lines.append("\ndirect transport and replicas: skipped (one GPU: NCCL needs a device per rank)")
     lines.append(f"\ntook {time.perf_counter() - t0:.0f} s")
     print("\n".join(lines))
     if args.json:
