@@ -129,8 +129,8 @@ class Stage:
         self.group: ReplicaGroup | None = None  # this stage's replica group, when it runs as R > 1 replicas
 
     def set_group(self, group: ReplicaGroup | None) -> None:
-        """Run as one replica of a group (workers/replicas.py): `step` then takes this replica's share of the
-        clips, and every replica's learners compute the whole micro-batch's loss and gradient."""
+        """Run as one replica of a group (workers/replicas.py): `step` is then given this replica's share of
+        the clips, and every replica's learners compute the whole micro-batch's loss and gradient."""
         self.group = group
         for learner in self.stack.learners:
             learner.group = group

@@ -29,7 +29,7 @@ from workers.replicas import ReplicaGroup, ReplicaLost, free_port, share
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "lamina"  # Ray namespace of the stage actors: `ray list actors` / ray.get_actor(name, NAMESPACE)
-PING_TIMEOUT_S = 60.0  # how long a replica may take to answer whether it is alive (a collective may hold it)
+PING_TIMEOUT_S = 60.0  # how long a stage or replica may take to answer whether it is alive (its queue drains first)
 
 
 @dataclass(frozen=True)

@@ -30,19 +30,19 @@ from typing_extensions import Self  # typing.Self from Python 3.11; typing_exten
 
 from pipeline import storage
 from pipeline.config import TrainConfig
-from pipeline.engines.actors import NAMESPACE, Replicas, get, stage_actor_class
+from pipeline.engines.actors import NAMESPACE, PING_TIMEOUT_S, Replicas, get, stage_actor_class
 from pipeline.engines.balance import measure_layers, replica_counts, stage_ranges
 from pipeline.engines.transport import Transport, make_transport, resolve
 from pipeline.errors import ConfigError, PlacementError, StageLost
 from pipeline.rundir import checkpoint_location
 from pipeline.stage import partition
 from workers.learner import LearnerSpec
+from workers.replicas import TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 60.0  # how long to wait for the cluster to fit the stages before giving up
-PING_TIMEOUT_S = 60.0  # how long a stage may take to answer whether it is alive (its queue drains first)
-REPLICA_TIMEOUT_S = 60.0  # a replica group's collective waits this long for a lost replica before failing
+REPLICA_TIMEOUT_S = TIMEOUT_S  # a replica group's collective waits this long for a lost replica before failing
 STARTS = 4  # attempts to bring every stage actor up when some die while starting
 
 
