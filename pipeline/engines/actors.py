@@ -73,7 +73,8 @@ class _StageActor(Stage):
         return f"{self.name} layers {[k + 1 for k in self.layers]} on {self.device}"
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id(),
+                "replicas": len(self.followers) + 1}
 
     # [Note: replica groups]
     # A stage of R replicas is one stage actor to the driver and to every transport: replica 0. It starts the

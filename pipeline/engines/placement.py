@@ -147,8 +147,9 @@ class StageActors:
                     raise
                 logger.warning("%s while starting; replacing it", e)
         for i in self.info:
-            logger.info("%s: layers %s on node %s (%s, %d thread(s))", i["name"], [k + 1 for k in i["layers"]],
-                        i["node_id"][:8], i["device"], i["threads"])
+            logger.info("%s: layers %s on node %s (%s, %d thread(s)%s)", i["name"], [k + 1 for k in i["layers"]],
+                        i["node_id"][:8], i["device"], i["threads"],
+                        f", {i['replicas']} replicas" if i["replicas"] > 1 else "")
 
     def _replica_counts(self) -> list[int]:
         """Each stage's replica count (--replicas); `auto` measures the stages' step times and counts the
