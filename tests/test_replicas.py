@@ -140,13 +140,15 @@ def test_a_replicated_stage_in_the_ray_pipeline_equals_the_loop(ray_local: str, 
     assert all(torch.equal(replica[0]["modules"][n], states[1]["modules"][n]) for n in replica[0]["modules"])
 
 
+@pytest.mark.parametrize("transport", ["object-store", pytest.param("compiled-graph", marks=pytest.mark.slow)])
 def test_a_killed_replica_is_replaced_and_the_run_ends_as_an_uninterrupted_one(
-        ray_local: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        ray_local: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     monkeypatch.setattr(placement, "REPLICA_TIMEOUT_S", 10.0)  # a lost peer is usually seen at once (its socket closes)
     data = tiny_npz(tmp_path, size=8)
 
     def run(name: str, kill_after: int | None) -> tuple[list[dict], int]:
-        cfg = small(data, tmp_path, layers="conv:4,conv:4", replicas="2,1", steps=10, run_dir=str(tmp_path / name))
+        cfg = small(data, tmp_path, layers="conv:4,conv:4", replicas="2,1", steps=10, transport=transport,
+                    run_dir=str(tmp_path / name))
         spec, sampler = setup(cfg)
         store = CheckpointStore(str(tmp_path / name / "ck"), keep=cfg.keep_checkpoints)
         with StageActors(cfg, spec) as actors:
