@@ -5,7 +5,8 @@
     ray_engine.py  the asynchronous pipeline: one Ray actor per stage
     cluster.py     joining a Ray cluster (failing fast when there is none), or starting one here
     placement.py   one placement-group bundle per stage (and replica), the named stage actors
-    transport.py   how activations travel stage to stage: object-store references or a compiled graph
+    transport.py   how activations travel stage to stage: object-store references, Ray Direct Transport,
+                   or a compiled graph (compiled_graph.py)
     recovery.py    which failures are retried, how stages come back, when a run gives up
     actors.py      the one place a stage becomes a Ray actor, and Ray's errors become lamina's
 """

@@ -182,7 +182,7 @@ class _StageActor(Stage):
         except RayError as e:
             raise ReplicaLost(f"{self.name}: a replica is gone ({type(e).__name__})") from e
 
-    # A compiled graph (pipeline/engines/transport.py) runs these in a thread of its own. OpenMP's thread
+    # A compiled graph (pipeline/engines/compiled_graph.py) runs these in a thread of its own. OpenMP's thread
     # count is per thread, so the budget is set again there: the same count is what keeps the kernels'
     # reduction order, and so transparency, bit for bit.
 

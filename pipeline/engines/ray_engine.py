@@ -15,7 +15,7 @@ runs one caller's calls in submission order (max_concurrency 1, no task retries)
 m, m+1, ... in order, and a stage emits the output of the same forward it learned from
 (workers/learner.py): every stage applies the sequential loop's updates, in its order, to the same inputs.
 That diagram is the object-store transport (--transport object-store); the driver loop below only speaks
-to the seam in pipeline/engines/transport.py, whose compiled-graph transport keeps the same order.
+to the seam in pipeline/engines/transport.py, whose other transports keep the same order.
 """
 
 from __future__ import annotations

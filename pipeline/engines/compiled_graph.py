@@ -1,0 +1,216 @@
+"""The compiled-graph transport (`--transport compiled-graph`): a Ray Compiled Graph over the stage actors,
+behind the seam of pipeline/engines/transport.py.
+
+[Note: compiled-graph barriers and recovery]
+A compiled graph runs each stage's calls in the order the driver executed them, and nothing else can be
+queued between two of them. So a barrier travels *inside* the graph: the message for micro-batch m carries
+the checkpoint store when a barrier falls after m (`pipeline.stage.Hop`), every stage writes its part right
+behind its step of m and hands it to the driver with its report. The schedule says a barrier falls after m
+with Snapshot(0, m) right behind Step(0, m), so stage 0's step is executed one action late, once it is known
+whether a snapshot rides with it. A barrier that cannot ride (the initial one, or one a stop request adds
+after m was handed out) is a snapshot-only message, queued behind everything executed so far: each stage
+writes its state as it is after m, because a stop hands out nothing after m.
+A lost actor breaks the whole graph (its channels die with it): every result in flight fails, the graph
+is torn down, the dead actor is replaced in its bundle (pipeline/engines/placement.py), every stage restores
+the last complete checkpoint ([Note: recovery]) and the graph is compiled again over the new set of actors
+before the replay. A survivor whose graph loop does not stop within TEARDOWN_S is killed and replaced too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.checkpoints import CheckpointStore, Part
+from pipeline.engines.actors import get
+from pipeline.errors import CheckpointError, StageLost
+from pipeline.stage import Hop, HopResult, StepReport
+
+if TYPE_CHECKING:
+    from pipeline.engines.placement import StageActors
+
+logger = logging.getLogger(__name__)
+
+TEARDOWN_S = 5  # how long a survivor's graph loop may take to stop before it is killed and replaced
+
+
+class CompiledGraphTransport:
+    """A Ray Compiled Graph over the stage actors ([Note: compiled-graph barriers and recovery])."""
+
+    name = "compiled-graph"
+
+    def __init__(self, actors: StageActors) -> None:
+        self.actors = actors
+        self.store: CheckpointStore | None = None
+        self._graph: Any = None  # the compiled graph, over the actors it was compiled for
+        self._held: tuple[int, np.ndarray] | None = None  # stage 0's step, executed once its barrier is known
+        self._runs: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's step message
+        self._snaps: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's snapshot-only message
+        self._riding: set[int] = set()  # micro-batches whose barrier travels in the graph already
+        self._parts: dict[int, dict[int, Part | CheckpointError]] = {}  # m -> {k: stage k's part of barrier m}
+        self.compiles = 0  # graphs compiled so far: one, plus one per recovery
+        self._cap = 0  # executions in flight at most (set when compiled)
+
+    def begin(self, store: CheckpointStore | None) -> None:
+        self.store = store
+        self.abandon()
+        if self._graph is None:  # the first segment, or the actors were replaced since (reset)
+            self._compile()
+
+    def _compile(self) -> None:
+        from ray.dag import InputNode, MultiOutputNode
+
+        handles, n = list(self.actors.handles), len(self.actors)
+        with InputNode() as msg:
+            outs = []
+            node: Any = msg
+            for k, h in enumerate(handles):
+                if k + 1 < n:
+                    node, out = h.relay.bind(node)
+                else:
+                    out = h.relay_top.bind(node)
+                outs.append(out)
+            dag = MultiOutputNode(outs)
+        # In flight at most: the schedule's admission window (depth + 1 per boundary, the top stage's own)
+        # plus a snapshot-only message. Ray gives every channel that many buffers, so no stage ever blocks
+        # on a full channel while the driver waits for an earlier result.
+        self._cap = (self.actors.cfg.queue_depth + 1) * n + 2
+        self._graph = dag.experimental_compile(_max_inflight_executions=self._cap, _submit_timeout=-1)
+        self.compiles += 1
+        logger.info("compiled graph over %d stage actors (%d executions in flight at most)", n, self._cap)
+
+    # -- the schedule's actions -------------------------------------------------------------------------
+
+    def step(self, k: int, m: int, frames: np.ndarray | None) -> None:
+        if k:
+            return  # the graph hands m on from stage k - 1 by itself
+        self._release()
+        assert frames is not None
+        self._held = (m, frames)
+
+    def snapshot(self, k: int, m: int) -> None:
+        if self._held is not None and k == 0 and self._held[0] == m:
+            self._release(barrier=True)
+            return
+        self._release()
+        if m in self._riding:
+            return
+        # A barrier that cannot ride with its step: a snapshot-only message behind everything so far.
+        self._riding.add(m)
+        self._snaps[m] = self._execute(Hop(m, False, self.store, None))
+
+    def report(self, k: int, m: int, waiting: Any) -> StepReport:
+        self._release()
+        result = self._take(k, m, self._runs)
+        assert result.report is not None
+        return result.report
+
+    def parts(self, m: int, waiting: Any) -> list[Part | CheckpointError]:
+        self._release()
+        for k in range(len(self.actors)):
+            if k not in self._parts.get(m, {}):  # a snapshot-only message's result (a step's came with its report)
+                self._take(k, m, self._snaps)
+        self._riding.discard(m)
+        got = self._parts.pop(m)
+        assert sorted(got) == list(range(len(self.actors))), (m, sorted(got))
+        return [got[k] for k in sorted(got)]
+
+    def in_flight_parts(self) -> list[Any]:
+        return []  # a compiled graph's results cannot be waited on with a timeout; nothing to drain
+
+    def _release(self, barrier: bool = False) -> None:
+        """Execute the held stage-0 step, with the barrier after it when `barrier`."""
+        if self._held is None:
+            return
+        m, frames = self._held
+        self._held = None
+        if barrier:
+            self._riding.add(m)
+        self._runs[m] = self._execute(Hop(m, True, self.store if barrier else None, frames))
+
+    def _execute(self, msg: Hop) -> list[Any]:
+        from ray.exceptions import RayError
+
+        try:
+            refs = self._graph.execute(msg)
+        except RayError as e:  # the graph was torn down under us: Ray's monitor saw a stage die
+            k = self._stopped_stage()
+            raise StageLost(k, msg.m, e, self.actors.names[k]) from e
+        return refs if isinstance(refs, list) else [refs]
+
+    def _stopped_stage(self) -> int:
+        """The first stage whose graph loop has ended (it died, or the graph broke there); 0 if none has."""
+        import ray
+
+        loops = getattr(self._graph, "worker_task_refs", {})
+        for k, h in enumerate(self.actors.handles):
+            ref = loops.get(h)
+            if ref is not None and ray.wait([ref], timeout=0)[0]:
+                return k
+        return 0
+
+    def _take(self, k: int, m: int, source: dict[int, list[Any]]) -> HopResult:
+        """Stage k's result of m's message (a compiled graph's result can be fetched once)."""
+        refs = source[m]
+        ref, refs[k] = refs[k], None
+        if all(r is None for r in refs):
+            del source[m]
+        result: HopResult = get(ref, k, m, self.actors.names[k], fetch=_fetch)
+        if result.part is not None:  # kept for the barrier's commit, which comes after every stage's report
+            self._parts.setdefault(m, {})[k] = result.part
+        return result
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        self._held = None
+        self._runs.clear()  # dropping a result ref releases its buffer in the graph
+        self._snaps.clear()
+        self._riding.clear()
+        self._parts.clear()
+
+    def reset(self) -> None:
+        """Tear the graph down (a lost actor broke it, or its actors are being replaced); the next `begin`
+        compiles a new one. A stage whose graph loop does not stop within TEARDOWN_S is killed, so that
+        the replacement of dead actors (which follows) replaces it too."""
+        self._teardown(kill=False)
+
+    def close(self) -> None:
+        """Before the actors are killed: tear the graph down, killing what does not stop in time."""
+        self._teardown(kill=True)
+
+    def _teardown(self, kill: bool) -> None:
+        self.abandon()
+        graph, self._graph = self._graph, None
+        if graph is None:
+            return
+        import ray
+        from ray.dag.context import DAGContext
+
+        ctx = DAGContext.get_current()
+        saved, ctx.teardown_timeout = ctx.teardown_timeout, TEARDOWN_S
+        quiet = logging.getLogger("ray.dag.compiled_dag_node")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # a dead actor's loop cannot be cancelled: Ray logs a traceback per actor
+        try:
+            graph.teardown(kill_actors=kill)
+        except Exception as e:  # noqa: BLE001 - a broken graph may fail to tear down; its actors are checked next
+            logger.warning("compiled graph teardown: %s", e)
+        finally:
+            ctx.teardown_timeout = saved
+            quiet.setLevel(level)
+        if kill:
+            return
+        for actor, ref in getattr(graph, "worker_task_refs", {}).items():
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                logger.warning("a stage's compiled-graph loop did not stop within %gs: killing it", TEARDOWN_S)
+                ray.kill(actor, no_restart=True)
+
+
+def _fetch(ref: Any) -> Any:
+    # A compiled graph's result without Ray's 10 s default: a stage step may take longer on a loaded machine.
+    # A lost actor still ends the wait: Ray's graph monitor tears the graph down and the read fails.
+    return ref.get(timeout=-1)
