@@ -31,7 +31,7 @@ import torch
 from pipeline.checkpoints import CheckpointStore, Ledger, Part
 from pipeline.errors import CheckpointError, StageError
 from workers.learner import Learner, LearnerSpec, LearnerStack
-from workers.replicas import ReplicaGroup
+from workers.replicas import ReplicaGroup, ReplicaLost
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,8 @@ class Stage:
             # .cpu() is a device sync on cuda; on the cpu .numpy() shares the tensor's memory, and the
             # only copy is Ray's into the object store.
             y = None if not emit else out.contiguous() if as_tensor else out.cpu().numpy()
+        except ReplicaLost:
+            raise  # a replica of this stage is gone: not the stage's doing, the driver recovers it
         except Exception as e:
             raise StageError(self.index, m, e, self.name) from e
         self.ledger.add(m)

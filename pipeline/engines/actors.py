@@ -176,7 +176,7 @@ class _StageActor(Stage):
         try:
             ray.get(refs)
         except RayTaskError as e:
-            if isinstance(e.cause, LaminaError):
+            if isinstance(e.cause, LaminaError | ReplicaLost):
                 raise e.cause from e
             raise
         except RayError as e:
@@ -220,8 +220,6 @@ def get(ref: Any, stage: int, micro_batch: int | None, actor: str, fetch: Any = 
         return fetch(ref)
     except RayError as e:
         cause = getattr(e, "cause", None)
-        if isinstance(cause, StageError) and isinstance(cause.cause, ReplicaLost):
-            cause = cause.cause
         if isinstance(cause, ReplicaLost):  # one of the stage's replicas is gone: recoverable, as the stage's own loss
             raise StageLost(stage, micro_batch, cause, actor) from e
         if isinstance(cause, StageError):
