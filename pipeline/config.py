@@ -19,7 +19,7 @@ from workers.objectives import OBJECTIVES
 
 ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
-TRANSPORTS = ("auto", "object-store", "direct", "compiled-graph")  # pipeline/engines/transport.py
+TRANSPORTS = ("auto", "object-store", "direct", "compiled-graph", "shm")  # pipeline/engines/transport.py
 BALANCES = ("even", "auto")  # pipeline/engines/balance.py
 
 
@@ -99,7 +99,8 @@ class TrainConfig:
     transport: str = flag("object-store", "how activations travel between stages: object-store (a Ray call "
                           "per step, output references chained), direct (Ray Direct Transport: tensors sent stage to stage over a "
                           "collective group, gloo on the cpu, NCCL between GPUs), compiled-graph (a Ray Compiled Graph: "
-                          "shared-memory channels, no call per step) or auto (the one measured best for the "
+                          "shared-memory channels, no call per step), shm (lamina's shared-memory channels between the stages of "
+                          "one node: one memcpy per hop, no call per step) or auto (the one measured best for the "
                           "stages' device)", choices=TRANSPORTS, section="ray")
     replicas: str = flag("1", "data-parallel replicas per stage, each on its own device (CPU bundle or GPU), "
                          "splitting the micro-batch's clips and summing gradients with an all-reduce: one count "

@@ -5,6 +5,7 @@ stores, token authentication on) with the stages placed by SPREAD and PACK, and 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ from support import (
 
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline
+from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,12 +76,16 @@ def test_spread_runs_the_two_stages_on_different_nodes(two_nodes: Cluster, tmp_p
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
     # The two nodes share this machine's disk: a file:// store declares it (a plain path would be refused).
-    cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", placement="spread", steps=6,
+    cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", placement="spread", steps=6, transport="auto",
                       run_dir=str(tmp_path / "tworun"), checkpoint_uri=f"file://{tmp_path}/shared")
     spec, sampler = setup(cfg)
     calls = Recorder()
+    # Shared memory does not span nodes: asked for, shm is refused once the bundles are placed ...
+    with pytest.raises(ConfigError, match="shm needs the driver and every stage on one node; this placement spans 2"):
+        StageActors(dataclasses.replace(cfg, transport="shm"), spec).__enter__()
 
     with StageActors(cfg, spec) as actors:
+        assert actors.transport.name == "object-store"  # ... and auto takes the object store
         placed = [info["node_id"] for info in actors.info]  # each actor's ray.get_runtime_context().get_node_id()
         pipe = RayPipeline(actors)
         pipe.train(sampler, 0, cfg.steps, calls)

@@ -1,9 +1,10 @@
 """Every stage-to-stage transport keeps the pipeline's promises: the sequential loop's weights bit for bit,
 barrier checkpoints, a stage's own error stopping the run once, and a lost stage recovered exactly once —
-for a compiled graph, by tearing the graph down and compiling it again over the replaced actors.
+for a compiled graph, by tearing the graph down and compiling it again over the replaced actors; for the
+shm channels, by closing them, letting every loop end and opening a fresh set.
 
 The object-store transport is what tests/test_pipeline.py and tests/test_recovery.py run by default; here
-the compiled graph and Ray Direct Transport (gloo on the cpu) run the same checks.
+the compiled graph, Ray Direct Transport (gloo on the cpu) and the shm channels run the same checks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.timeout(240)
 
 CG = "compiled-graph"
 DIRECT = "direct"
+SHM = "shm"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,11 @@ def test_auto_picks_per_device_kind_and_a_bad_name_is_refused() -> None:
         transport.resolve("pigeon", "cpu")
     with pytest.raises(ConfigError, match="--transport"):
         TrainConfig(transport="pigeon")
+    # shared memory needs one node: auto never picks it across nodes, and asking for it there is refused
+    assert transport.resolve("auto", "cpu", nodes=2) != SHM
+    assert transport.resolve("shm", "cpu", nodes=1) == SHM
+    with pytest.raises(ConfigError, match="shm needs the driver and every stage on one node"):
+        transport.resolve("shm", "cpu", nodes=2)
 
 
 VARIANTS = {  # (overrides, stages, resume at)
@@ -64,7 +71,7 @@ VARIANTS = {  # (overrides, stages, resume at)
 }
 
 
-@pytest.mark.parametrize("kind", [CG, DIRECT])
+@pytest.mark.parametrize("kind", [CG, DIRECT, SHM])
 @pytest.mark.parametrize("variant", [v if v != "mlp-top-depth-1" else pytest.param(v, marks=pytest.mark.slow)
                                      for v in VARIANTS])
 def test_every_transport_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str,
@@ -90,7 +97,7 @@ def data8(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.parametrize(("kind", "how"), [(CG, "ray.kill"), pytest.param(CG, "SIGKILL", marks=pytest.mark.slow),
-                                           (DIRECT, "ray.kill")])
+                                           (DIRECT, "ray.kill"), (SHM, "ray.kill"), (SHM, "SIGKILL")])
 def test_a_lost_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, data8: str, tmp_path: Path,
                                                                 kind: str, how: str) -> None:
     cfg = small(data8, tmp_path, transport=kind)
@@ -114,10 +121,13 @@ def test_a_lost_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, 
         pipe.train(sampler, 0, cfg.steps, calls)
         states, ledgers = pipe.states(), pipe.ledgers()
         compiles = getattr(actors.transport, "compiles", None)
+        opens = getattr(actors.transport, "opens", None)
         replaced = [a is not b for a, b in zip(first, actors.handles, strict=True)]
     assert pipe.recovery is not None and pipe.recovery.count == 1
     if kind == CG:
         assert compiles == 2 and replaced[1]  # torn down, the dead stage replaced, the graph compiled again
+    elif kind == SHM:
+        assert opens == 2 and replaced == [False, True, False]  # the survivors' loops ended; new channels
     else:
         assert all(replaced)  # the group broke: every stage came back as a new actor, in a new group
     assert calls.steps == list(range(cfg.steps))
@@ -128,7 +138,7 @@ def test_a_lost_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, 
     assert run_actors(pipe.actors.run_id) == []
 
 
-@pytest.mark.parametrize("kind", ["object-store", CG, DIRECT])
+@pytest.mark.parametrize("kind", ["object-store", CG, DIRECT, SHM])
 def test_a_stage_error_stops_the_run_once_and_is_not_retried(ray_local: str, data8: str, tmp_path: Path,
                                                             kind: str) -> None:
     cfg = small(data8, tmp_path, steps=8, checkpoint_every=2, transport=kind)
@@ -140,9 +150,10 @@ def test_a_stage_error_stops_the_run_once_and_is_not_retried(ray_local: str, dat
         assert type(info.value) is StageError and pipe.recovery is not None and pipe.recovery.count == 0
 
 
-def test_barriers_in_the_graph_checkpoint_a_stop_and_resume_equals_the_uninterrupted_run(
-        ray_local: str, data8: str, tmp_path: Path) -> None:
-    cfg = small(data8, tmp_path, steps=14, checkpoint_every=0)
+@pytest.mark.parametrize("kind", [CG, SHM])
+def test_barriers_in_the_stream_checkpoint_a_stop_and_resume_equals_the_uninterrupted_run(
+        ray_local: str, data8: str, tmp_path: Path, kind: str) -> None:
+    cfg = small(data8, tmp_path, steps=14, checkpoint_every=0, transport=kind)
     spec, sampler = setup(cfg)
     store = CheckpointStore(str(tmp_path / "ck"), keep=5)
     control = RunControl()

@@ -6,7 +6,8 @@
     cluster.py     joining a Ray cluster (failing fast when there is none), or starting one here
     placement.py   one placement-group bundle per stage (and replica), the named stage actors
     transport.py   how activations travel stage to stage: object-store references, Ray Direct Transport,
-                   or a compiled graph (compiled_graph.py)
+                   a compiled graph (compiled_graph.py) or lamina's shared-memory channels (shm.py over
+                   channel.py); the last two carry barriers in their message stream (inband.py)
     recovery.py    which failures are retried, how stages come back, when a run gives up
     actors.py      the one place a stage becomes a Ray actor, and Ray's errors become lamina's
 """

@@ -9,6 +9,7 @@ caller's: pipeline/engines/placement.py.
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.checkpoints import CheckpointStore
+from pipeline.engines import channel
 from pipeline.errors import LaminaError, StageError, StageLost
 from pipeline.stage import Hop, HopResult, Stage, StepReport
 from pipeline.telemetry.gauges import StageGauges
@@ -29,6 +31,7 @@ from workers.replicas import ReplicaGroup, ReplicaLost, free_port, share
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "lamina"  # Ray namespace of the stage actors: `ray list actors` / ray.get_actor(name, NAMESPACE)
+SHM_GROUP = "shm"  # the concurrency group a stage's shm loop runs in (pipeline/engines/shm.py)
 PING_TIMEOUT_S = 60.0  # how long a stage or replica may take to answer whether it is alive (its queue drains first)
 
 
@@ -65,6 +68,8 @@ class _StageActor(Stage):
         self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
         self._spawned = 0  # followers started so far: each gets a fresh name
         self._direct: StepReport | BaseException | None = None  # step_direct's report, until take_report
+        # The shm transport's channel ends: input, output (None at the top), results to the driver.
+        self._shm: tuple[channel.Reader | None, channel.Writer | None, channel.Writer | None] = (None, None, None)
         if replicas is not None:
             self.followers = [self._spawn(r) for r in range(1, len(replicas.bundles) + 1)]
             self._form_group()
@@ -197,12 +202,85 @@ class _StageActor(Stage):
         return super().hop(msg, emit=False)[1]
 
 
-def stage_actor_class(tensor_transport: bool = False) -> Any:
-    """`Stage` as a Ray actor class; the caller adds placement, name and resources as options. With
-    `tensor_transport`, its calls can return tensors over a collective group (Ray Direct Transport: a
-    background thread per actor receives them)."""
-    if tensor_transport:
+    # The shm transport (pipeline/engines/shm.py): the stage's channel ends, opened in two rounds, and its loop,
+    # run in the actor's `shm` concurrency group (a thread of its own: the thread budget is set there too).
+
+    def shm_open(self, directory: str, slots: int, phase: int, top: bool) -> None:
+        """Phase 0: open this stage's read ends (its input, and the free-slot ends of what it writes);
+        phase 1: its write ends. The driver runs phase 0 everywhere before phase 1 (channel.py)."""
+        if phase == 0:
+            self._shm_close()
+            k = self.index
+            self._shm = (channel.Reader(directory, f"in{k}"),
+                         None if top else channel.Writer(directory, f"in{k + 1}", slots),
+                         channel.Writer(directory, f"res{k}", 1))
+        else:
+            for end in self._shm:
+                if end is not None:
+                    end.open_write()
+
+    def shm_loop(self) -> None:
+        """Step on each message from the stage below (or the driver), hand the output up and the result to the
+        driver, until a stop message or a closed channel ([Note: shm lifetime and recovery])."""
+        torch.set_num_threads(self.threads)
+        inp, out, res = self._shm
+        assert inp is not None and res is not None, "shm_open first"
+        failed: BaseException | None = None  # this stage's own failure: every later message fails with it
+        try:
+            while True:
+                header, x = inp.recv()
+                if header is None:  # the driver's stop, handed up
+                    if out is not None:
+                        out.send(None)
+                    return
+                kind, m, step, payload = header
+                error = payload if kind == "fail" else failed
+                if error is None:
+                    try:
+                        nxt, result = self.hop(Hop(m, step, payload, x), emit=out is not None)
+                    except Exception as e:  # noqa: BLE001 - sent on in place of the results (shm.py)
+                        error = failed = _portable(e, self.index, m, self.name)
+                if x is not None:
+                    inp.release()  # the step is done with its input
+                if error is not None:
+                    if out is not None:
+                        out.send(("fail", m, step, error))
+                    res.send(("fail", m, step, error))
+                    continue
+                if out is not None:
+                    out.send(("hop", m, step, payload), nxt.x)
+                res.send(("done", m, step, result))
+        except channel.ChannelClosed:
+            return  # a neighbour or the driver is gone: the driver tears down and recovers
+        finally:
+            self._shm_close()
+
+    def _shm_close(self) -> None:
+        for end in self._shm:
+            if end is not None:
+                end.close()
+        self._shm = (None, None, None)
+
+
+def _portable(e: Exception, stage: int, m: int, actor: str) -> BaseException:
+    """A stage's failure as it can travel through a channel: lamina's own errors and a lost replica as they
+    are, anything else as a StageError; one that does not pickle as a StageError of its text."""
+    error: BaseException = e if isinstance(e, LaminaError | ReplicaLost) else StageError(stage, m, e, actor)
+    try:
+        pickle.dumps(error)
+    except Exception:  # noqa: BLE001 - any pickling failure: keep the text
+        error = StageError(stage, m, RuntimeError(f"{type(e).__name__}: {e}"), actor)
+    return error
+
+
+def stage_actor_class(transport: str = "object-store") -> Any:
+    """`Stage` as a Ray actor class for `transport`; the caller adds placement, name and resources as
+    options. Direct Transport: its calls can return tensors over a collective group (a background thread per
+    actor receives them). shm: its loop runs in a concurrency group of its own."""
+    if transport == "direct":
         return ray.remote(enable_tensor_transport=True)(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
+    if transport == "shm":
+        return ray.remote(concurrency_groups={SHM_GROUP: 1})(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
     return ray.remote(_StageActor)
 
 

@@ -1,15 +1,8 @@
 """The compiled-graph transport (`--transport compiled-graph`): a Ray Compiled Graph over the stage actors,
 behind the seam of pipeline/engines/transport.py.
 
-[Note: compiled-graph barriers and recovery]
-A compiled graph runs each stage's calls in the order the driver executed them, and nothing else can be
-queued between two of them. So a barrier travels *inside* the graph: the message for micro-batch m carries
-the checkpoint store when a barrier falls after m (`pipeline.stage.Hop`), every stage writes its part right
-behind its step of m and hands it to the driver with its report. The schedule says a barrier falls after m
-with Snapshot(0, m) right behind Step(0, m), so stage 0's step is executed one action late, once it is known
-whether a snapshot rides with it. A barrier that cannot ride (the initial one, or one a stop request adds
-after m was handed out) is a snapshot-only message, queued behind everything executed so far: each stage
-writes its state as it is after m, because a stop hands out nothing after m.
+[Note: compiled-graph recovery]
+Barriers travel inside the graph ([Note: in-band barriers] in pipeline/engines/inband.py).
 A lost actor breaks the whole graph (its channels die with it): every result in flight fails, the graph
 is torn down, the dead actor is replaced in its bundle (pipeline/engines/placement.py), every stage restores
 the last complete checkpoint ([Note: recovery]) and the graph is compiled again over the new set of actors
@@ -21,12 +14,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from pipeline.checkpoints import CheckpointStore, Part
 from pipeline.engines.actors import get
-from pipeline.errors import CheckpointError, StageLost
-from pipeline.stage import Hop, HopResult, StepReport
+from pipeline.engines.inband import InBandTransport
+from pipeline.errors import StageLost
+from pipeline.stage import Hop, HopResult
 
 if TYPE_CHECKING:
     from pipeline.engines.placement import StageActors
@@ -36,30 +27,23 @@ logger = logging.getLogger(__name__)
 TEARDOWN_S = 5  # how long a survivor's graph loop may take to stop before it is killed and replaced
 
 
-class CompiledGraphTransport:
-    """A Ray Compiled Graph over the stage actors ([Note: compiled-graph barriers and recovery])."""
+class CompiledGraphTransport(InBandTransport):
+    """A Ray Compiled Graph over the stage actors ([Note: compiled-graph recovery])."""
 
     name = "compiled-graph"
 
     def __init__(self, actors: StageActors) -> None:
-        self.actors = actors
-        self.store: CheckpointStore | None = None
+        super().__init__(actors)
         self._graph: Any = None  # the compiled graph, over the actors it was compiled for
-        self._held: tuple[int, np.ndarray] | None = None  # stage 0's step, executed once its barrier is known
         self._runs: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's step message
         self._snaps: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's snapshot-only message
-        self._riding: set[int] = set()  # micro-batches whose barrier travels in the graph already
-        self._parts: dict[int, dict[int, Part | CheckpointError]] = {}  # m -> {k: stage k's part of barrier m}
         self.compiles = 0  # graphs compiled so far: one, plus one per recovery
         self._cap = 0  # executions in flight at most (set when compiled)
 
-    def begin(self, store: CheckpointStore | None) -> None:
-        self.store = store
-        self.abandon()
-        if self._graph is None:  # the first segment, or the actors were replaced since (reset)
-            self._compile()
+    def _opened(self) -> bool:
+        return self._graph is not None
 
-    def _compile(self) -> None:
+    def _open(self) -> None:
         from ray.dag import InputNode, MultiOutputNode
 
         handles, n = list(self.actors.handles), len(self.actors)
@@ -81,54 +65,11 @@ class CompiledGraphTransport:
         self.compiles += 1
         logger.info("compiled graph over %d stage actors (%d executions in flight at most)", n, self._cap)
 
-    # -- the schedule's actions -------------------------------------------------------------------------
+    def _send(self, msg: Hop) -> None:
+        (self._runs if msg.step else self._snaps)[msg.m] = self._execute(msg)
 
-    def step(self, k: int, m: int, frames: np.ndarray | None) -> None:
-        if k:
-            return  # the graph hands m on from stage k - 1 by itself
-        self._release()
-        assert frames is not None
-        self._held = (m, frames)
-
-    def snapshot(self, k: int, m: int) -> None:
-        if self._held is not None and k == 0 and self._held[0] == m:
-            self._release(barrier=True)
-            return
-        self._release()
-        if m in self._riding:
-            return
-        # A barrier that cannot ride with its step: a snapshot-only message behind everything so far.
-        self._riding.add(m)
-        self._snaps[m] = self._execute(Hop(m, False, self.store, None))
-
-    def report(self, k: int, m: int, waiting: Any) -> StepReport:
-        self._release()
-        result = self._take(k, m, self._runs)
-        assert result.report is not None
-        return result.report
-
-    def parts(self, m: int, waiting: Any) -> list[Part | CheckpointError]:
-        self._release()
-        for k in range(len(self.actors)):
-            if k not in self._parts.get(m, {}):  # a snapshot-only message's result (a step's came with its report)
-                self._take(k, m, self._snaps)
-        self._riding.discard(m)
-        got = self._parts.pop(m)
-        assert sorted(got) == list(range(len(self.actors))), (m, sorted(got))
-        return [got[k] for k in sorted(got)]
-
-    def in_flight_parts(self) -> list[Any]:
-        return []  # a compiled graph's results cannot be waited on with a timeout; nothing to drain
-
-    def _release(self, barrier: bool = False) -> None:
-        """Execute the held stage-0 step, with the barrier after it when `barrier`."""
-        if self._held is None:
-            return
-        m, frames = self._held
-        self._held = None
-        if barrier:
-            self._riding.add(m)
-        self._runs[m] = self._execute(Hop(m, True, self.store if barrier else None, frames))
+    def _result(self, k: int, m: int, step: bool) -> HopResult:
+        return self._take(k, m, self._runs if step else self._snaps)
 
     def _execute(self, msg: Hop) -> list[Any]:
         from ray.exceptions import RayError
@@ -158,18 +99,13 @@ class CompiledGraphTransport:
         if all(r is None for r in refs):
             del source[m]
         result: HopResult = get(ref, k, m, self.actors.names[k], fetch=_fetch)
-        if result.part is not None:  # kept for the barrier's commit, which comes after every stage's report
-            self._parts.setdefault(m, {})[k] = result.part
         return result
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
-    def abandon(self) -> None:
-        self._held = None
+    def _forget(self) -> None:
         self._runs.clear()  # dropping a result ref releases its buffer in the graph
         self._snaps.clear()
-        self._riding.clear()
-        self._parts.clear()
 
     def reset(self) -> None:
         """Tear the graph down (a lost actor broke it, or its actors are being replaced); the next `begin`

@@ -120,7 +120,6 @@ class StageActors:
             self.gpus = cfg.gpus_per_stage
         else:
             self.gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        self.transport = make_transport(resolve(cfg.transport, "cuda" if self.gpus else "cpu"), self)
         self.replicas = self._replica_counts()
         bundle = {"CPU": cfg.cpus_per_stage, **({"GPU": self.gpus} if self.gpus else {})}
         strategy = cfg.placement.upper()
@@ -133,7 +132,9 @@ class StageActors:
                 f"within {PLACEMENT_TIMEOUT_S:g}s: the cluster has {ray.cluster_resources()}, of which "
                 f"{ray.available_resources()} free. Lower --cpus-per-stage or --replicas, raise "
                 f"--layers-per-stage, or add nodes.")
-        self._check_store()
+        nodes = self._roles()
+        self._check_store(nodes)
+        self.transport = make_transport(resolve(cfg.transport, "cuda" if self.gpus else "cpu", len(nodes)), self)
         self.handles = [self._spawn(k) for k in range(n)]
         self.info = [{} for _ in range(n)]
         for attempt in range(STARTS):
@@ -174,8 +175,8 @@ class StageActors:
         return Replicas(self.pg, tuple(range(first, first + self.replicas[k] - 1)), self.cfg.cpus_per_stage,
                         self.gpus, REPLICA_TIMEOUT_S)
 
-    def _check_store(self) -> None:
-        """Refuse a node-local checkpoint store when the placed bundles and the driver span several nodes."""
+    def _roles(self) -> dict[str, list[str]]:
+        """Each node of the placed bundles and the driver, with who runs there ("the driver", "stage k", ...)."""
         assert self.pg is not None
         bundles = placement_group_table(self.pg)["bundles_to_node_id"]
         roles: dict[str, list[str]] = {ray.get_runtime_context().get_node_id(): ["the driver"]}
@@ -184,6 +185,10 @@ class StageActors:
             followers = self._followers(k)
             for r, b in enumerate(followers.bundles if followers else (), 1):
                 roles.setdefault(bundles[b], []).append(f"stage {k} replica {r}")
+        return roles
+
+    def _check_store(self, roles: dict[str, list[str]]) -> None:
+        """Refuse a node-local checkpoint store when the placed bundles and the driver span several nodes."""
         ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         flag = "--checkpoint-uri" if self.cfg.checkpoint_uri else "--run-dir"
         refuse_node_local_store(checkpoint_location(self.cfg), flag,
@@ -195,7 +200,7 @@ class StageActors:
         first, last = self.ranges[k]
         if self._generation:
             self.names[k] = f"lamina-{self.run_id}-stage{k}-r{self._generation}"
-        return stage_actor_class(self.transport.name == "direct").options(
+        return stage_actor_class(self.transport.name).options(
             name=self.names[k], namespace=NAMESPACE, num_cpus=self.cfg.cpus_per_stage, num_gpus=self.gpus,
             # Ordered execution is what transparency rests on ([Note: channels] in pipeline/schedule.py): no
             # retries, one call at a time. No restarts either: a restarted actor would come back with its

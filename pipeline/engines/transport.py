@@ -18,6 +18,10 @@ writes a barrier snapshot right behind the step it belongs to.
                      shared-memory channel and writes its own for the stage above (on GPUs Ray can carry
                      torch tensors over NCCL instead: not measured here). No per-call RPC, no object store.
                      In pipeline/engines/compiled_graph.py, with how barriers and recovery work in a graph.
+    shm              lamina's own shared-memory channels between the stages of one node: each stage runs a
+                     loop that reads its input as a view of a shared-memory slot, steps, and copies its output
+                     into the next stage's slot (one memcpy per hop; FIFOs carry the messages and wake the
+                     reader, nothing polls). No Ray call per step. In pipeline/engines/shm.py.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from pipeline.checkpoints import CheckpointStore, Part
 from pipeline.engines.actors import get
 from pipeline.engines.compiled_graph import CompiledGraphTransport
+from pipeline.engines.shm import ShmTransport
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.stage import StepReport
 
@@ -38,25 +43,29 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("object-store", "direct", "compiled-graph")
-# `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG,
-# "transports side by side"): the compiled graph ran S = 2 at 1.40x and 1.50x the object store's rate in two
-# runs, and at 0.50x in a third, when other processes held 0.8 of the 2 cores: its channels are polled, and
-# polling loses when the stages do not each have a core of their own. The object store never collapsed, so
-# it is the choice here; take `compiled-graph` where every stage (and the driver) has a core to itself.
-# `direct` (Ray Direct Transport over gloo) ran within a few percent of the object store in the same repeats
-# and costs more per hop below 16 MB: on the cpu it buys nothing. cuda: not measured (no GPU lent); `direct`
-# over NCCL is the candidate (device to device), and the compiled graph's NCCL path is not built: the object
-# store until `python -m pipeline.bench.gpu_check` says otherwise.
-AUTO = {"cpu": "object-store", "cuda": "object-store"}
+TRANSPORTS = ("object-store", "direct", "compiled-graph", "shm")
+# `--transport auto`, per device kind, from `lamina bench --quick` on this project's 2-core machine (PERFLOG,
+# "the shm transport"): shm ran S = 2 fastest of the four in the same repeats (10.00 mb/s against the object
+# store's 9.44, the compiled graph's 9.80 and Direct Transport's 8.45), costs one memcpy and one wake-up per hop
+# (5.8x a memcpy at 1 MB against the object store's 121.6x), and its stages wait in the kernel: 0.01 cores
+# idle, where an idle compiled graph polls with about a core per stage. It needs one node: across nodes
+# `auto` takes the object store (`resolve`). cuda: not measured (no GPU lent); `direct` over NCCL is the
+# candidate (device to device): the object store until `python -m pipeline.bench.gpu_check` says otherwise.
+AUTO = {"cpu": "shm", "cuda": "object-store"}
 
 
-def resolve(name: str, device: str) -> str:
-    """The transport `--transport name` means on stages of `device` ("cpu" or "cuda")."""
+def resolve(name: str, device: str, nodes: int = 1) -> str:
+    """The transport `--transport name` means on stages of `device` ("cpu" or "cuda") placed, with the
+    driver, on `nodes` nodes. shm needs one node: `auto` falls back to the object store across nodes, and
+    an explicit `shm` is refused."""
     if name == "auto":
-        return AUTO["cuda" if device.startswith("cuda") else "cpu"]
+        pick = AUTO["cuda" if device.startswith("cuda") else "cpu"]
+        return "object-store" if pick == "shm" and nodes > 1 else pick
     if name not in TRANSPORTS:
         raise ConfigError(f"--transport must be auto or one of {list(TRANSPORTS)} (got {name!r})")
+    if name == "shm" and nodes > 1:
+        raise ConfigError(f"--transport shm needs the driver and every stage on one node; this placement spans "
+                          f"{nodes}: use --transport object-store (or direct) across nodes, or --placement pack")
     return name
 
 
@@ -85,6 +94,8 @@ def make_transport(name: str, actors: StageActors) -> Transport:
         return DirectTransport(actors)
     if name == "compiled-graph":
         return CompiledGraphTransport(actors)
+    if name == "shm":
+        return ShmTransport(actors)
     raise ConfigError(f"--transport must be one of {list(TRANSPORTS)} (got {name!r})")
 
 

@@ -1,0 +1,191 @@
+"""A one-writer, one-reader channel between two processes on one node: arrays through shared memory,
+messages through a FIFO. The `shm` transport (pipeline/engines/shm.py) chains stages with these.
+
+    writer                                          reader
+      take a free slot  <------- free FIFO --------   release(slot): one byte, once its array is used
+      copy the array into slot i (one memcpy)         recv(): the message, and a view of slot i (no copy)
+      send the message, naming slot i  -- msg FIFO -->
+
+A channel is a directory's files: `NAME.msg` and `NAME.free` (FIFOs) and `NAME.slot<i>.<generation>`
+(shared-memory files, in /dev/shm where there is one). Slots are used in turn, so the free FIFO carries one
+byte per released slot and the writer blocks on it when all `slots` are taken: that is the bounded queue.
+A slot too small for an array is replaced by a larger file (a new generation); the reader maps each slot's
+file once and again only when the message names a new one.
+
+Both ends block in the kernel (read on a FIFO), never poll: a stage waiting for input costs no CPU. A
+process that dies closes its ends, so the other side's read sees end of file and its write a broken pipe:
+both raise `ChannelClosed`. Opening: every party opens its read ends (`Reader`, `open_free`) before anyone
+opens a write end, and every party opens its write ends before anyone reads, so that an end of file always
+means the other side is gone (pipeline/engines/shm.py does this in two rounds of calls).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import struct
+from typing import Any
+
+import numpy as np
+
+_LEN = struct.Struct("<I")  # a message: its length, then its pickle
+
+
+class ChannelClosed(Exception):
+    """The other end of a channel is gone (its process ended or closed it)."""
+
+
+def make(directory: str, name: str) -> None:
+    """Create channel `name`'s FIFOs in `directory` (the slot files are made by the writer as needed)."""
+    for end in ("msg", "free"):
+        os.mkfifo(os.path.join(directory, f"{name}.{end}"), 0o600)
+
+
+def _open_fifo(path: str, flags: int) -> int:
+    """Open a FIFO end without blocking (a write end needs its reader open already), then make it blocking."""
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            raise ChannelClosed(f"end of file after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except (BrokenPipeError, ConnectionResetError) as e:
+        raise ChannelClosed(str(e)) from e
+
+
+def send_message(fd: int, message: Any) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_all(fd, _LEN.pack(len(body)) + body)
+
+
+def recv_message(fd: int) -> Any:
+    (n,) = _LEN.unpack(_read_exact(fd, _LEN.size))
+    return pickle.loads(_read_exact(fd, n))
+
+
+class Reader:
+    """The reading end of channel `name`. Open before the writer's end (module docstring)."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.base = os.path.join(directory, name)
+        self.msg = _open_fifo(self.base + ".msg", os.O_RDONLY)
+        self.free = -1  # opened by open_write, once the writer has opened its read end of it
+        self._maps: dict[int, tuple[str, mmap.mmap]] = {}  # slot -> (its file, the mapping)
+
+    def open_write(self) -> None:
+        self.free = _open_fifo(self.base + ".free", os.O_WRONLY)
+
+    def recv(self) -> tuple[Any, np.ndarray | None]:
+        """The next message and, when it carries one, a read-only view of its array in the slot (valid
+        until `release`)."""
+        header, slot = recv_message(self.msg)
+        if slot is None:
+            return header, None
+        i, path, shape, dtype = slot
+        if self._maps.get(i, ("",))[0] != path:  # a slot seen for the first time, or grown since
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self._maps[i] = (path, mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+            finally:
+                os.close(fd)
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape)) if shape else 1
+        return header, np.frombuffer(self._maps[i][1], dtype=dt, count=count).reshape(shape)
+
+    def release(self) -> None:
+        """Give the oldest slot back to the writer (its array is no longer read)."""
+        _write_all(self.free, b"\0")
+
+    def close(self) -> None:
+        for fd in (self.msg, self.free):
+            if fd >= 0:
+                os.close(fd)
+        self.msg = self.free = -1
+        self._maps.clear()  # a view still held keeps its mapping alive until it is dropped
+
+
+class Writer:
+    """The writing end of channel `name`, with `slots` array slots in flight at most."""
+
+    def __init__(self, directory: str, name: str, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"a channel needs at least one slot (got {slots})")
+        self.base, self.slots = os.path.join(directory, name), slots
+        self.free = _open_fifo(self.base + ".free", os.O_RDONLY)
+        self.msg = -1  # opened by open_write, once the reader has opened its end
+        self._credits = slots  # slots the reader has given back and not yet reused
+        self._next = 0  # the slot the next array goes into
+        self._files: list[tuple[str, mmap.mmap, int] | None] = [None] * slots  # slot -> (path, mapping, size)
+        self._generation = 0
+
+    def open_write(self) -> None:
+        self.msg = _open_fifo(self.base + ".msg", os.O_WRONLY)
+
+    def send(self, header: Any, array: np.ndarray | None = None) -> None:
+        """Send `header` and, with it, a copy of `array` in the next free slot (blocks while none is free)."""
+        slot = None
+        if array is not None:
+            if not self._credits:
+                got = os.read(self.free, self.slots)
+                if not got:
+                    raise ChannelClosed("the reader is gone")
+                self._credits += len(got)
+            self._credits -= 1
+            i, self._next = self._next, (self._next + 1) % self.slots
+            path, mm = self._slot(i, array.nbytes)
+            np.copyto(np.frombuffer(mm, dtype=array.dtype, count=array.size).reshape(array.shape), array,
+                      casting="no")
+            slot = (i, path, array.shape, array.dtype.str)
+        try:
+            send_message(self.msg, (header, slot))
+        except ChannelClosed:
+            raise
+        except OSError as e:
+            raise ChannelClosed(str(e)) from e
+
+    def _slot(self, i: int, nbytes: int) -> tuple[str, mmap.mmap]:
+        held = self._files[i]
+        if held is not None and held[2] >= nbytes:
+            return held[0], held[1]
+        if held is not None:
+            os.unlink(held[0])  # the reader has released it: it maps the new file when the message names it
+        self._generation += 1
+        path = f"{self.base}.slot{i}.{self._generation}"
+        size = max(nbytes, mmap.PAGESIZE)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._files[i] = (path, mm, size)
+        return path, mm
+
+    def close(self) -> None:
+        for fd in (self.msg, self.free):
+            if fd >= 0:
+                os.close(fd)
+        self.msg = self.free = -1
+        for held in self._files:
+            if held is not None:
+                try:
+                    os.unlink(held[0])
+                except FileNotFoundError:
+                    pass
+        self._files = [None] * self.slots
