@@ -41,10 +41,10 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert set(memory) == {"layers 0-0", "layers 1-1", "layers 0-1", "e2e 0-1"}  # (tiny layers: peaks within allocator slack)
     assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
     assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
-    assert all(h["ms"][t] > h["ms"]["memcpy"] for h in res["hops"] for t in ("direct", "compiled-graph"))
-    # The engine's transports side by side, in the same repeats as the headline.
-    assert set(res["by_transport"]) == {"object-store", "direct", "compiled-graph"}
-    assert all(v["rate"] > 0 for v in res["by_transport"].values())
+    assert all(h["ms"][t] > h["ms"]["memcpy"] for h in res["hops"] for t in ("direct", "compiled-graph", "shm"))
+    # The engine's transports side by side, in the same repeats as the headline, with what each costs idle.
+    assert set(res["by_transport"]) == {"object-store", "direct", "compiled-graph", "shm"}
+    assert all(v["rate"] > 0 and v["idle_cores"] >= 0 for v in res["by_transport"].values())
     assert "## Transports side by side" in table
     # The whole network as one stage of 1 and of 2 replicas.
     assert [r["replicas"] for r in res["replicas"]["rows"]] == [1, 2]

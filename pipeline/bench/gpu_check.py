@@ -11,13 +11,13 @@
     3. efficiency of S stages sharing the one GPU: the Ray engine with --gpus-per-stage 1/S (fractional
        GPUs: all S actors on the one device, separate CUDA contexts; its own schedule and placement)
        against 1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency], for
-       each --transport (object-store, compiled-graph) and, at S = 2, --balance auto.
-       The compiled-graph transport carries the stages' host (numpy) outputs through shared memory here
-       too: the NCCL path (device tensors between GPUs) is not built yet, so this measures its control
+       each --transport (object-store, compiled-graph, shm) and, at S = 2, --balance auto.
+       The compiled-graph and shm transports carry the stages' host (numpy) outputs through shared memory
+       here too (shm: device -> host -> one memcpy -> host -> device): the compiled graph's NCCL path (device tensors between GPUs) is not built yet, so this measures its control
        path on a GPU machine, not device-to-device transfer.
     4. where the machine has 2 or more GPUs, S = 2 stages on a GPU each with --transport object-store (device
-       -> host -> object store -> host -> device) against --transport direct (Ray Direct Transport over NCCL,
-       device to device; NCCL refuses two ranks on one device, so it is not in 3);
+       -> host -> object store -> host -> device) and shm (device -> host -> shared memory -> host -> device)
+       against --transport direct (Ray Direct Transport over NCCL, device to device; NCCL refuses two ranks on one device, so it is not in 3);
     5. replicas, where the machine has 2 or more GPUs: the whole network as one stage of R = 1 and R = the
        GPU count replicas, one GPU each (NCCL all-gather and all-reduce between them; NCCL refuses two ranks
        on one device, so a one-GPU machine skips this and says so).
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, float] = {}
     for s, rs in splits.items():
         ideal = 1 / max(t_iso[r] for r in rs)
-        for transport in ("object-store", "compiled-graph"):
+        for transport in ("object-store", "compiled-graph", "shm"):
             for balance in ("even", "auto") if s == 2 else ("even",):
                 key = f"S={s} {transport} {balance}"
                 rates[key] = pipeline_rate(s, args.clips, args.steps, 5, transport, balance)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count()
     if gpus >= 2:
         lines += ["", "| S = 2, a GPU each: --transport | mb/s |", "|---|---|"]
-        for transport in ("object-store", "direct"):
+        for transport in ("object-store", "direct", "shm"):
             rates[f"S=2 own GPUs {transport}"] = pipeline_rate(2, args.clips, args.steps, 5, transport, own_gpus=True)
             lines.append(f"| {transport} | {rates[f'S=2 own GPUs {transport}']:.2f} |")
         lines += ["", "| replicas (1 stage, a GPU each) | mb/s | vs R = 1, per replica |", "|---|---|---|"]

@@ -166,6 +166,15 @@ class CpuMeter:
         return {k: round(v / wall, 3) for k, v in used.items()}
 
 
+def idle_cores(actors: Any, seconds: float = 2.0) -> float:
+    """Cores the stage actors use while they wait for work (between runs), over `seconds`."""
+    pids = [int(i["pid"]) for i in actors.info]
+    meter = CpuMeter()
+    meter.start(pids)
+    time.sleep(seconds)
+    return sum(meter.cpu_of(pids)) / seconds
+
+
 def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -> dict[str, Any]:
     """Micro-batches [start, start + warmup + steps] through a `RayPipeline` over started stage actors:
     steady-state rate, each stage's mean busy time and busy fraction, and the cores each kind of process

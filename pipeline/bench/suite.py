@@ -50,7 +50,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.bench.measure import Loop, StageProbe, actor, pipeline_run
+from pipeline.bench.measure import Loop, StageProbe, actor, idle_cores, pipeline_run
 from pipeline.bench.report import write
 from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
 from pipeline.bench.transport import SIZES, TRANSPORTS, HopRow, hop_costs
@@ -76,10 +76,10 @@ class BenchConfig:
     queue_depth: int = 2  # the pipeline's channel depth
     hop_sizes: tuple[int, ...] = SIZES  # activation sizes of the per-hop measurement
     hop_rounds: int = 8  # measured hops per size and transport
-    transports: tuple[str, ...] = ("numpy-ref", "direct", "compiled-graph")  # per-hop: the engine's transports; full adds all
+    transports: tuple[str, ...] = ("numpy-ref", "direct", "compiled-graph", "shm", "wake")  # per-hop: the engine's transports; full adds all
     # --transport values the headline pipeline runs with, side by side in every repeat (the first is the
     # headline's own numbers)
-    pipeline_transports: tuple[str, ...] = ("object-store", "direct", "compiled-graph")
+    pipeline_transports: tuple[str, ...] = ("object-store", "direct", "compiled-graph", "shm")
     balance: bool = True  # also run the headline's S split by measured layer times (--balance auto)
     replicas: tuple[int, ...] = (1, 2)  # R of the replica section: the whole network as one stage of R replicas
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
@@ -173,26 +173,36 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     iso_probe = actor(StageProbe)(cfg, spec, b_head, 1)
     corun_probes = [iso_probe, *(actor(StageProbe)(cfg, spec, b_head, 1) for _ in head_split[1:])]
     runs: list[dict[str, Any]] = []
+    idle: dict[str, float] = {}  # transport -> cores its stage actors use while waiting for work
     # One set of stage actors per transport, all alive, used in turn: as only one set runs at a time, each
     # reserves its share of a CPU per stage (the thread budget stays 1: pipeline/engines/actors.py).
     share = 1 / len(cfg.pipeline_transports)
     with contextlib.ExitStack() as stack:
         pipes = {t: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
-                 for t in cfg.pipeline_transports}
+                 for t in cfg.pipeline_transports if t != "compiled-graph"}
         for r in range(cfg.repeats):
             progress(f"headline S={s_head}, B={b_head}: repeat {r + 1}/{cfg.repeats}")
             alone = [ray.get(iso_probe.measure.remote(rng)) for rng in head_split]  # one after the other
             run: dict[str, Any] = {"t_iso_s": [g["step_s"] for g in alone], "cpu_iso_s": [g["cpu_s"] for g in alone]}
-            run["pipelines"] = {t: pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
-                                for t, pipe in pipes.items()}
+            run["pipelines"] = {}
+            for t in cfg.pipeline_transports:
+                with contextlib.ExitStack() as own:
+                    # An idle compiled graph's stage loops poll their channels, about a core each (the idle
+                    # column): its actors are started for its run and killed after it, so that they take no
+                    # CPU from the other transports' runs and the measurements in between.
+                    pipe = pipes[t] if t in pipes else RayPipeline(own.enter_context(StageActors(
+                        train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
+                    run["pipelines"][t] = pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
+                    if r + 1 == cfg.repeats:
+                        idle[t] = idle_cores(pipe.actors)
             run["pipeline"] = run["pipelines"][cfg.pipeline_transports[0]]
             run["corun_s"] = [g["step_s"] for g in ray.get(
                 [p.measure.remote(rng, False, 2, cfg.steps) for p, rng in zip(corun_probes, head_split, strict=True)])]
             run["baselines"] = baselines(b_head)
             runs.append(run)
     results["headline"] = _headline(runs, s_head, b_head, cfg.cores)
-    results["by_transport"] = {t: _headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
-                                            cfg.cores) for t in cfg.pipeline_transports}
+    results["by_transport"] = {t: {**_headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
+                                               cfg.cores), "idle_cores": idle[t]} for t in cfg.pipeline_transports}
     # 2b. Balance: the headline's S by measured layer times (--balance auto) against the even split, with the
     # slowest / mean stage of each, and one pipeline run of the balanced split (its own actors, measured right
     # after the even split's last repeat).

@@ -19,6 +19,11 @@ machine, median over rounds after warm-up. Transports:
   compiled-graph  numpy array from producer to consumer through a Ray Compiled Graph's shared-memory channel
                 (the engine's --transport compiled-graph): no per-call RPC, no object store; the driver
                 starts each round by writing the size into the graph's input channel
+  shm           numpy array through lamina's shared-memory channel (the engine's --transport shm,
+                pipeline/engines/channel.py): the producer copies it into a slot and writes a message into a
+                FIFO; the consumer, blocked reading the FIFO, wakes and holds a view of the slot
+  wake          the same channel with no array: the message alone wakes the blocked consumer. The floor of
+                any handover to a process that waits in the kernel, whatever the size: shm is memcpy + wake
   memcpy        numpy copy of the same bytes in one process: the floor any transport is measured against
   memcpy-new    the same copy into a newly allocated array: with the page faults of first-touched memory
 """
@@ -27,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +45,13 @@ import numpy as np
 import ray
 import torch
 
+from pipeline.engines import channel, shm
+
 logger = logging.getLogger(__name__)
 
 KB, MB = 1024, 1024 * 1024
 SIZES = (64 * KB, 1 * MB, 16 * MB, 64 * MB)
-TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "direct", "compiled-graph")
-ENGINE_TRANSPORTS = {"numpy-ref": "object-store", "direct": "direct", "compiled-graph": "compiled-graph"}  # hop -> --transport
+TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "direct", "compiled-graph", "shm", "wake")
 
 
 class _Producer:
@@ -79,6 +87,18 @@ class _Producer:
         x = self._payload(nbytes)
         queue.put((x, time.time()))
 
+    def shm_open(self, directory: str, phase: int) -> None:
+        if phase == 0:
+            self.writer = channel.Writer(directory, "hop", 1)
+        else:
+            self.writer.open_write()
+
+    def shm_send(self, nbytes: int, times: int) -> None:
+        x = self._payload(nbytes) if nbytes else None  # 0: the message alone
+        for _ in range(times):
+            time.sleep(0.002)  # the consumer is back to waiting on the channel, as a stage waits for input
+            self.writer.send(time.time(), x)  # the copy into the slot comes after the stamp: part of the hop
+
 
 class _Consumer:
     def take(self, x: Any) -> float:
@@ -97,6 +117,22 @@ class _Consumer:
         now = time.time()
         assert x.shape[0] > 0
         return sent, now
+
+    def shm_open(self, directory: str, phase: int) -> None:
+        if phase == 0:
+            self.reader = channel.Reader(directory, "hop")
+        else:
+            self.reader.open_write()
+
+    def shm_take(self, times: int) -> list[tuple[float, float]]:
+        got = []
+        for _ in range(times):
+            sent, x = self.reader.recv()
+            got.append((sent, time.time()))
+            if x is not None:
+                assert x.shape[0] > 0
+                self.reader.release()
+        return got
 
 
 @dataclass(frozen=True)
@@ -131,6 +167,13 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
         with InputNode() as size:
             dag = consumer.take_stamped.bind(producer.emit_stamped.bind(size))
         graph = dag.experimental_compile(_buffer_size_bytes=max(sizes) + MB)
+    shm_dir = None
+    if "shm" in transports or "wake" in transports:  # the consumer's read end, then the producer's; then the write ends (channel.py)
+        shm_dir = tempfile.mkdtemp(prefix="lamina-hops-", dir=shm.shm_dir())
+        channel.make(shm_dir, "hop")
+        for phase in (0, 1):
+            ray.get(consumer.shm_open.remote(shm_dir, phase))
+            ray.get(producer.shm_open.remote(shm_dir, phase))
     rows = []
     for nbytes in sizes:
         ms: dict[str, float] = {}
@@ -144,6 +187,12 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
                     x = direct[0].emit_tensor.options(tensor_transport="gloo").remote(nbytes)
                     received = ray.get(direct[1].take.remote(x))
                     sent = ray.get(direct[0].last_sent.remote())
+                elif transport in ("shm", "wake"):  # all rounds in one call each: the loop a stage runs
+                    if r == 0:
+                        got = consumer.shm_take.remote(warmup + rounds)
+                        ray.get(producer.shm_send.remote(nbytes if transport == "shm" else 0, warmup + rounds))
+                        stamps = ray.get(got)
+                    sent, received = stamps[r]
                 elif transport == "queue":
                     got = consumer.take_from.remote(queue)  # waiting on the queue before the put
                     ray.get(producer.put.remote(queue, nbytes))
@@ -164,6 +213,8 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
     for actor in (producer, consumer, *direct):
         ray.kill(actor)
     queue.shutdown()
+    if shm_dir is not None:
+        shutil.rmtree(shm_dir, ignore_errors=True)
     return rows
 
 
