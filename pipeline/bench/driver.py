@@ -4,7 +4,8 @@
 
 Every micro-batch costs the driver work per stage: the object-store transport submits one actor call and
 takes one report per stage (two RPCs' worth of Python and core-worker work), the compiled-graph transport
-writes one message into the graph and reads one result per stage from shared memory. With stages that do
+writes one message into the graph and reads one result per stage from shared memory, the shm transport
+writes one message into stage 0's channel and reads one result per stage from a FIFO. With stages that do
 almost nothing (a 4-unit MLP per layer on 4x4 frames), the driver's own CPU time (time.process_time of the
 driver process, steady state) per micro-batch is what it costs to drive S stages; a line through S gives
 the fixed part `a` and the part per stage `b`. The driver keeps up while rate x (a + b S) < 1 core, so the
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default="2,4,8", help="stage counts to measure")
     parser.add_argument("--steps", type=int, default=150, help="steady-state micro-batches per measurement")
-    parser.add_argument("--transports", default="object-store,compiled-graph")
+    parser.add_argument("--transports", default="object-store,compiled-graph,shm")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import ray

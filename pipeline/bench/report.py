@@ -17,8 +17,8 @@ def _size(nbytes: int) -> str:
 def format_tables(res: dict[str, Any]) -> str:
     h, cores = res["headline"], res["config"]["cores"]
     b = h["baselines"]
-    lines = [(f"## Headline: S = {h['stages']} stages, B = {h['clips']} clips x {res['config']['clip_len']} frames "
-             f"({len(h['rates'])} interleaved runs, medians)"), "",
+    lines = [(f"## Headline: S = {h['stages']} stages, B = {h['clips']} clips x {res['config']['clip_len']} frames, "
+             f"--transport {res['config']['pipeline_transports'][0]} ({len(h['rates'])} interleaved runs, medians)"), "",
              "| measure | value | target |", "|---|---|---|",
              f"| pipeline micro-batches/s | {h['rate']:.2f} ({', '.join(f'{x:.2f}' for x in h['rates'])}) | |",
              f"| stage step in isolation (ms, 1 thread) | {' / '.join(f'{t * 1e3:.1f}' for t in h['t_iso_s'])} | |",
@@ -75,7 +75,8 @@ def format_tables(res: dict[str, Any]) -> str:
         lines += [f"| {r['replicas']} | {r['rate']:.2f} | {r['scaling_efficiency']:.2f} | "
                   f"{r['vs_sequential']['sequential 1t']:.2f}x | {r['vs_sequential'][f'sequential {cores}t']:.2f}x |"
                   for r in rp["rows"]]
-    lines += ["", f"## Scaling (one run each; {cores} cores: S > {cores} is oversubscribed)", "",
+    lines += ["", f"## Scaling (one run each, --transport {res['config']['pipeline_transports'][0]}; {cores} cores: S > {cores} is "
+              f"oversubscribed)", "",
               ("| S | B | mb/s | stage t_iso (ms) | efficiency | vs ideal | vs sequential "
               f"{cores}t | vs sequential 1t | vs e2e {cores}t |"), "|---|---|---|---|---|---|---|---|---|"]
     for s in res["scaling"]:

@@ -78,8 +78,8 @@ class BenchConfig:
     hop_rounds: int = 8  # measured hops per size and transport
     transports: tuple[str, ...] = ("numpy-ref", "direct", "compiled-graph", "shm", "wake")  # per-hop: the engine's transports; full adds all
     # --transport values the headline pipeline runs with, side by side in every repeat (the first is the
-    # headline's own numbers)
-    pipeline_transports: tuple[str, ...] = ("object-store", "direct", "compiled-graph", "shm")
+    # headline's own numbers and the one the scaling and replica runs use: `auto`'s pick on the cpu)
+    pipeline_transports: tuple[str, ...] = ("shm", "object-store", "direct", "compiled-graph")
     balance: bool = True  # also run the headline's S split by measured layer times (--balance auto)
     replicas: tuple[int, ...] = (1, 2)  # R of the replica section: the whole network as one stage of R replicas
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
@@ -127,7 +127,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     sources: dict[int, Source] = {}  # one per micro-batch size: any data spec, streamed ones too
     total = cfg.warmup + cfg.steps + 1
 
-    def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = "object-store",
+    def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = cfg.pipeline_transports[0],
                   replicas: int = 1, cpus: float = 1.0) -> TrainConfig:
         return TrainConfig(data=cfg.data, layers=cfg.layers, clips=clips, clip_len=cfg.clip_len, size=cfg.size,
                            steps=total, engine=engine, layers_per_stage=n_layers // stages,
