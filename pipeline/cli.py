@@ -78,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
     be.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
     be.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
+    be.add_argument("--transports", default="", help="the --transport values run side by side, comma-separated; "
+                    "the first is the headline's (default: shm,object-store,direct,compiled-graph)")
+    be.add_argument("--repeats", type=int, default=0, help="interleaved repeats of the headline (default: 3 quick, 5 full)")
+    be.add_argument("--headline-only", action="store_true",
+                    help="only the headline and the transports side by side (no balance, replicas, scaling, sources)")
 
     pp = sub.add_parser("prepare", help="video files, folders of them and image-sequence folders -> a Parquet "
                         "dataset for --data parquet:DIR (in parallel on Ray, resumable)")
@@ -230,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.bench.suite import main as bench
 
         out = args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(bench(args.quick, out))
+        print(bench(args.quick, out, args.transports, args.repeats, args.headline_only))
         print(f"wrote {out}/bench.json, bench.md, bench.png")
         return 0
     if args.command == "prepare":

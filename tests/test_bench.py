@@ -15,6 +15,7 @@ import torch
 
 from pipeline.bench import report, suite
 from pipeline.bench.transport import KB, MB
+from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,6 +62,17 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
 def test_bench_config_rejects_uneven_splits() -> None:
     with pytest.raises(ValueError, match="divide"):
         suite.BenchConfig(layers="conv:8,conv:8,conv:8", stages=(2,))
+
+
+def test_bench_flags_choose_the_transports_the_repeats_and_the_sections() -> None:
+    cfg = suite.bench_config(True, "object-store, shm", 5, headline_only=True)
+    assert cfg.pipeline_transports == ("object-store", "shm") and cfg.repeats == 5
+    assert (cfg.stages, cfg.scaling_clips, cfg.balance, cfg.replicas, cfg.sources) == ((2,), (16,), False, (), None)
+    assert suite.bench_config(True) == suite.QUICK and suite.bench_config(False) == suite.FULL
+    with pytest.raises(ConfigError, match="--transports: unknown \\['pigeon'\\]"):
+        suite.bench_config(True, "shm,pigeon")
+    with pytest.raises(ConfigError, match="--repeats"):
+        suite.bench_config(True, repeats=-1)
 
 
 @pytest.mark.slow

@@ -75,8 +75,8 @@ def format_tables(res: dict[str, Any]) -> str:
         lines += [f"| {r['replicas']} | {r['rate']:.2f} | {r['scaling_efficiency']:.2f} | "
                   f"{r['vs_sequential']['sequential 1t']:.2f}x | {r['vs_sequential'][f'sequential {cores}t']:.2f}x |"
                   for r in rp["rows"]]
-    lines += ["", f"## Scaling (one run each, --transport {res['config']['pipeline_transports'][0]}; {cores} cores: S > {cores} is "
-              f"oversubscribed)", "",
+    lines += ["", (f"## Scaling (one run each, --transport {res['config']['pipeline_transports'][0]}; {cores} cores: "
+                   f"S > {cores} is oversubscribed)"), "",
               ("| S | B | mb/s | stage t_iso (ms) | efficiency | vs ideal | vs sequential "
               f"{cores}t | vs sequential 1t | vs e2e {cores}t |"), "|---|---|---|---|---|---|---|---|---|"]
     for s in res["scaling"]:

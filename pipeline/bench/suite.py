@@ -54,6 +54,7 @@ from pipeline.bench.measure import Loop, StageProbe, actor, idle_cores, pipeline
 from pipeline.bench.report import write
 from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
 from pipeline.bench.transport import SIZES, TRANSPORTS, HopRow, hop_costs
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +337,29 @@ def _machine() -> dict[str, Any]:
             "numpy": np.__version__, "load_avg_at_start": os.getloadavg()}
 
 
-def main(quick: bool, out: str, overrides: dict[str, Any] | None = None) -> str:
-    cfg = dataclasses.replace(QUICK if quick else FULL, **(overrides or {}))
+def bench_config(quick: bool, transports: str = "", repeats: int = 0, headline_only: bool = False) -> BenchConfig:
+    """The quick or full bench, with the transports side by side and the repeats given (empty, 0: the mode's
+    own); `headline_only` leaves out the balance, replicas, scaling and sources sections."""
+    from pipeline.engines.transport import TRANSPORTS as ENGINE
+
+    cfg = QUICK if quick else FULL
+    if transports:
+        names = tuple(t.strip() for t in transports.split(","))
+        unknown = [t for t in names if t not in ENGINE]
+        if unknown:
+            raise ConfigError(f"--transports: unknown {unknown}; known: {list(ENGINE)}")
+        cfg = dataclasses.replace(cfg, pipeline_transports=names)
+    if repeats < 0:
+        raise ConfigError(f"--repeats must be >= 1 (got {repeats})")
+    if repeats:
+        cfg = dataclasses.replace(cfg, repeats=repeats)
+    if headline_only:
+        cfg = dataclasses.replace(cfg, stages=(cfg.headline_stages,), scaling_clips=(cfg.clips,), balance=False,
+                                  replicas=(), sources=None)
+    return cfg
+
+
+def main(quick: bool, out: str, transports: str = "", repeats: int = 0, headline_only: bool = False) -> str:
+    cfg = bench_config(quick, transports, repeats, headline_only)
     res = run_bench(cfg)
     return write(res, Path(out))

@@ -44,13 +44,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("object-store", "direct", "compiled-graph", "shm")
-# `--transport auto`, per device kind, from `lamina bench --quick` on this project's 2-core machine (PERFLOG,
-# "the shm transport"): shm ran S = 2 fastest of the four in the same repeats (10.00 mb/s against the object
-# store's 9.44, the compiled graph's 9.80 and Direct Transport's 8.45), costs one memcpy and one wake-up per hop
-# (5.8x a memcpy at 1 MB against the object store's 121.6x), and its stages wait in the kernel: 0.01 cores
-# idle, where an idle compiled graph polls with about a core per stage. It needs one node: across nodes
-# `auto` takes the object store (`resolve`). cuda: not measured (no GPU lent); `direct` over NCCL is the
-# candidate (device to device): the object store until `python -m pipeline.bench.gpu_check` says otherwise.
+# `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG, 2026-11-30
+# S1-S5): shm ran S = 2 ahead of the object store in two of three side-by-side runs (5 repeats: 11.01 against
+# 9.75 mb/s, ahead in 4 of 5 pairs; in the third, 10.82 against 11.90), kept the bottleneck stage busy 0.99-1.00
+# of the time, costs one memcpy and one wake-up per hop (4-5x a memcpy at 1 MB, the object store's over 100x),
+# takes no CPU while idle (an idle compiled graph polls with about a core per stage) and a fifth of the object
+# store's driver CPU per stage. It needs one node: across nodes `auto` takes the object store (`resolve`).
+# cuda: not measured (no GPU lent); `direct` over NCCL is the candidate (device to device): the object store
+# until `python -m pipeline.bench.gpu_check` says otherwise.
 AUTO = {"cpu": "shm", "cuda": "object-store"}
 
 
