@@ -10,6 +10,7 @@ the compiled graph, Ray Direct Transport (gloo on the cpu) and the shm channels 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from support import (
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
-from pipeline.engines import transport
+from pipeline.engines import shm, transport
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline, run_ray
 from pipeline.errors import ConfigError, StageError
@@ -62,6 +63,19 @@ def test_auto_picks_per_device_kind_and_a_bad_name_is_refused() -> None:
     assert transport.resolve("shm", "cpu", nodes=1) == SHM
     with pytest.raises(ConfigError, match="shm needs the driver and every stage on one node"):
         transport.resolve("shm", "cpu", nodes=2)
+
+
+def test_channel_directories_of_drivers_that_are_gone_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f"lamina-run-ab12-p{dead}-x1y2", f"lamina-run-ab12-p{os.getpid()}-x3y4", "lamina-not-a-channel-dir"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "in0.slot0.1").write_bytes(b"\0" * 16)
+    assert shm.sweep(str(tmp_path)) == [f"lamina-run-ab12-p{dead}-x1y2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lamina-not-a-channel-dir", f"lamina-run-ab12-p{os.getpid()}-x3y4"]
 
 
 VARIANTS = {  # (overrides, stages, resume at)

@@ -10,7 +10,8 @@ no object store: a hop is one memcpy and one FIFO wake-up, and the driver does o
 per micro-batch, whatever S is. Barriers ride in the stream ([Note: in-band barriers] in inband.py).
 
 [Note: shm lifetime and recovery]
-`begin` makes the channels in a fresh directory (in /dev/shm) and opens them in two rounds of calls, read
+`begin` makes the channels in a fresh directory (in /dev/shm, named with the driver's pid: a later run on the
+node removes the directory of a driver that was killed before it could) and opens them in two rounds of calls, read
 ends then write ends (channel.py says why), then starts each stage's loop as a call in the actor's own
 `shm` concurrency group, so that the stage still answers its other calls (states, ledger, ping) while the
 loop waits for input. A stage whose own code fails sends the error to the driver and up the chain in place
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -57,6 +59,27 @@ def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def sweep(where: str | None = None) -> list[str]:
+    """Remove the channel directories left in `where` (default `shm_dir()`) by drivers that are gone (killed
+    before they could close them: a channel directory holds a driver's pid); returns what was removed."""
+    where = where or shm_dir()
+    gone = []
+    for name in os.listdir(where):
+        match = re.fullmatch(r"lamina-.+-p(\d+)-[^-]+", name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+            gone.append(name)
+        except PermissionError:
+            pass  # another user's live process
+    if gone:
+        logger.info("removed %d shm channel directories of drivers that are gone: %s", len(gone), gone)
+    return gone
+
+
 def slots(queue_depth: int) -> int:
     """Array slots per channel: the schedule's admission window of one boundary (depth + 1)."""
     return queue_depth + 1
@@ -81,7 +104,8 @@ class ShmTransport(InBandTransport):
 
     def _open(self) -> None:
         handles, n = list(self.actors.handles), len(self.actors)
-        self._dir = tempfile.mkdtemp(prefix=f"lamina-{self.actors.run_id}-", dir=shm_dir())
+        sweep()
+        self._dir = tempfile.mkdtemp(prefix=f"lamina-{self.actors.run_id}-p{os.getpid()}-", dir=shm_dir())
         for k in range(n):
             channel.make(self._dir, f"in{k}")
             channel.make(self._dir, f"res{k}")
