@@ -37,13 +37,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import RayActorError
 
 from pipeline.engines import channel
 from pipeline.engines.actors import SHM_GROUP, get
 from pipeline.engines.inband import InBandTransport
 from pipeline.errors import LaminaError, StageError, StageLost
 from pipeline.stage import Hop, HopResult
+from workers.replicas import ReplicaLost
 
 if TYPE_CHECKING:
     from pipeline.engines.placement import StageActors
@@ -152,17 +152,14 @@ class ShmTransport(InBandTransport):
     def _lost(self, k: int, m: int, cause: BaseException) -> StageLost:
         """A channel closed under stage k's message m: the stage whose actor died (Ray says which, once its
         loop call fails), or k when none has failed within LOST_S."""
-
         deadline = time.monotonic() + LOST_S
         while time.monotonic() < deadline:
             ready, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0.1)
             for j, ref in enumerate(self._loops):
                 if ref in ready:
                     try:
-                        ray.get(ref)
-                    except RayActorError as e:
-                        return StageLost(j, m, e, self.actors.names[j])
-                    except Exception as e:  # noqa: BLE001 - a loop that failed otherwise: its stage is the lost one
+                        ray.get(ref)  # a loop that ended on a closed channel returns: its stage is alive
+                    except Exception as e:  # noqa: BLE001 - the actor died (RayActorError), or its loop broke
                         return StageLost(j, m, e, self.actors.names[j])
         return StageLost(k, m, cause, self.actors.names[k])
 
@@ -208,8 +205,6 @@ class ShmTransport(InBandTransport):
 def _failure(error: BaseException, k: int, m: int, actor: str) -> LaminaError:
     """What stage k sent in place of its result of m: its own StageError (or the one below's, handed up),
     a lost replica (the stage is lost: recoverable), or another of lamina's errors."""
-    from workers.replicas import ReplicaLost
-
     if isinstance(error, ReplicaLost):
         return StageLost(k, m, error, actor)
     if isinstance(error, LaminaError):
