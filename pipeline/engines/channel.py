@@ -2,7 +2,7 @@
 messages through a FIFO. The `shm` transport (pipeline/engines/shm.py) chains stages with these.
 
     writer                                          reader
-      take a free slot  <------- free FIFO --------   release(slot): one byte, once its array is used
+      take a free slot  <------- free FIFO --------   release(): one byte, once its array is used
       copy the array into slot i (one memcpy)         recv(): the message, and a view of slot i (no copy)
       send the message, naming slot i  -- msg FIFO -->
 
@@ -14,9 +14,12 @@ file once and again only when the message names a new one.
 
 Both ends block in the kernel (read on a FIFO), never poll: a stage waiting for input costs no CPU. A
 process that dies closes its ends, so the other side's read sees end of file and its write a broken pipe:
-both raise `ChannelClosed`. Opening: every party opens its read ends (`Reader`, `open_free`) before anyone
-opens a write end, and every party opens its write ends before anyone reads, so that an end of file always
-means the other side is gone (pipeline/engines/shm.py does this in two rounds of calls).
+both raise `ChannelClosed`. Opening: every party opens its read ends (`Reader(...)`, `Writer(...)`) before
+anyone opens a write end (`open_write`), and every party opens its write ends before anyone reads, so that an
+end of file always means the other side is gone (pipeline/engines/shm.py does this in two rounds of calls).
+
+Messages are pickles, as Ray's own are: the directory is the run's own (mode 0700, made by the driver), so
+only the run's processes can write into its FIFOs.
 """
 
 from __future__ import annotations
@@ -69,12 +72,12 @@ def _write_all(fd: int, data: bytes) -> None:
         raise ChannelClosed(str(e)) from e
 
 
-def send_message(fd: int, message: Any) -> None:
+def _send_message(fd: int, message: Any) -> None:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     _write_all(fd, _LEN.pack(len(body)) + body)
 
 
-def recv_message(fd: int) -> Any:
+def _recv_message(fd: int) -> Any:
     (n,) = _LEN.unpack(_read_exact(fd, _LEN.size))
     return pickle.loads(_read_exact(fd, n))
 
@@ -94,7 +97,7 @@ class Reader:
     def recv(self) -> tuple[Any, np.ndarray | None]:
         """The next message and, when it carries one, a read-only view of its array in the slot (valid
         until `release`)."""
-        header, slot = recv_message(self.msg)
+        header, slot = _recv_message(self.msg)
         if slot is None:
             return header, None
         i, path, shape, dtype = slot
@@ -153,7 +156,7 @@ class Writer:
                       casting="no")
             slot = (i, path, array.shape, array.dtype.str)
         try:
-            send_message(self.msg, (header, slot))
+            _send_message(self.msg, (header, slot))
         except ChannelClosed:
             raise
         except OSError as e:
