@@ -27,6 +27,7 @@ def _echo(directory: str, opened: mp.Queue, results: mp.Queue) -> None:
     opened.put("read ends")
     assert opened.get(timeout=30) == "write ends"  # the writer's are open: an end of file now means it is gone
     reader.open_write()
+    results.put("open")  # ... and so are this side's: the writer may wait for a free slot from now on
     while True:
         header, x = reader.recv()
         if header is None:
@@ -63,6 +64,7 @@ def test_arrays_arrive_intact_and_a_larger_one_grows_its_slot(tmp_path: Path) ->
     writer = channel.Writer(str(tmp_path), "c", 2)
     writer.open_write()
     opened.put("write ends")
+    assert results.get(timeout=30) == "open"
     arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.full((2, 2, 2), 7, np.int64),
               np.arange(300_000, dtype=np.float64),  # larger than the first slot: the slot grows
               np.arange(5, dtype=np.float32)]
@@ -124,6 +126,7 @@ def test_a_dead_reader_fails_the_writers_send(tmp_path: Path) -> None:
     writer = channel.Writer(str(tmp_path), "c", 1)
     writer.open_write()
     opened.put("write ends")
+    assert results.get(timeout=30) == "open"
     writer.send("first", np.ones(4, np.float32))
     assert results.get(timeout=30)[0] == "first"
     os.kill(child.pid, signal.SIGKILL)
