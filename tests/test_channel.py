@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -135,3 +137,26 @@ def test_a_dead_reader_fails_the_writers_send(tmp_path: Path) -> None:
         for _ in range(3):  # the reader's ends are closed: a broken pipe, or end of file on the free FIFO
             writer.send("more", np.ones(4, np.float32))
     writer.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs tmpfs: it refuses an oversized slot before taking any page")
+def test_a_slot_that_does_not_fit_in_shared_memory_is_an_error_naming_the_way_out() -> None:
+    directory = tempfile.mkdtemp(prefix="lamina-test-", dir="/dev/shm")
+    try:
+        channel.make(directory, "c")
+        reader = channel.Reader(directory, "c")
+        writer = channel.Writer(directory, "c", 1)
+        writer.open_write()
+        reader.open_write()
+        # A broadcast view: as many bytes as all of /dev/shm and more, while holding one float.
+        huge = np.broadcast_to(np.float32(1), ((shutil.disk_usage(directory).total + 2**30) // 4,))
+        with pytest.raises(OSError, match=r"no room for a .* MiB channel slot .* --transport object-store"):
+            writer.send("too big", huge)
+        assert [p for p in os.listdir(directory) if ".slot" in p] == []  # nothing half-made is left behind
+        writer.send("fits", np.ones(3, np.float32))
+        header, x = reader.recv()
+        assert header == "fits" and x is not None and x.sum() == 3
+        reader.close()
+        writer.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import shutil
 import struct
 from typing import Any
 
@@ -149,9 +150,10 @@ class Writer:
                 if not got:
                     raise ChannelClosed("the reader is gone")
                 self._credits += len(got)
+            i = self._next
+            path, mm = self._slot(i, array.nbytes)  # may refuse (no room): then no slot is used up
             self._credits -= 1
-            i, self._next = self._next, (self._next + 1) % self.slots
-            path, mm = self._slot(i, array.nbytes)
+            self._next = (i + 1) % self.slots
             np.copyto(np.frombuffer(mm, dtype=array.dtype, count=array.size).reshape(array.shape), array,
                       casting="no")
             slot = (i, path, array.shape, array.dtype.str)
@@ -168,15 +170,23 @@ class Writer:
             return held[0], held[1]
         if held is not None:
             os.unlink(held[0])  # the reader has released it: it maps the new file when the message names it
+            self._files[i] = None
         self._generation += 1
         path = f"{self.base}.slot{i}.{self._generation}"
         size = max(nbytes, mmap.PAGESIZE)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a write through the mapping into a full tmpfs would be SIGBUS, not an error.
+            os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
-        finally:
+        except OSError as e:
             os.close(fd)
+            os.unlink(path)
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            raise OSError(e.errno, f"no room for a {size / 2**20:.1f} MiB channel slot in {os.path.dirname(path)} "
+                                   f"({free / 2**20:.1f} MiB free): enlarge /dev/shm (a container's default is "
+                                   f"64 MiB) or use --transport object-store") from e
+        os.close(fd)
         self._files[i] = (path, mm, size)
         return path, mm
 
