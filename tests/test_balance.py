@@ -63,12 +63,15 @@ def test_even_is_todays_split_and_auto_keeps_the_stage_count(tmp_path_factory: p
 
 def test_a_balanced_pipeline_equals_the_sequential_loop_bit_for_bit(ray_local: str,
                                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
-    # A heavy first layer: balanced, the 2 stages hold [1] and [2, 3, 4] rather than [1, 2] and [3, 4].
+    # A heavy first layer: balanced, the 2 stages usually hold [1] and [2, 3, 4] rather than [1, 2] and [3, 4].
+    # Which split the measurement picks is a timing matter (a loaded machine can pick another); whichever it
+    # is, the stages hold the 4 layers in order and the result is the sequential loop's.
     data = tiny_npz(tmp_path_factory.mktemp("d32"), size=32)
     cfg = tiny_config(data, layers="conv:32,conv:4,conv:4,mlp:8", size=32, steps=6, layers_per_stage=2,
                       balance="auto")
     spec, sampler = setup(cfg)
     calls = Recorder()
     piped = run_ray(cfg, spec, sampler, calls).states
-    assert {len(r.layers) for _, reports in calls.calls for r in reports} == {1, 3}
+    held = {r.stage: [layer.layer for layer in r.layers] for _, reports in calls.calls for r in reports}
+    assert sorted(held) == [0, 1] and [k for s in sorted(held) for k in held[s]] == [0, 1, 2, 3], held
     assert state_differences(piped, sequential(cfg, sampler)) == []

@@ -120,7 +120,7 @@ def _follower(actors: StageActors, k: int) -> ray.actor.ActorHandle:
     return ray.get_actor(f"{actors.names[k]}-replica1", namespace=NAMESPACE)
 
 
-@pytest.mark.parametrize("transport", ["object-store", "compiled-graph"])
+@pytest.mark.parametrize("transport", ["object-store", "compiled-graph", "shm"])
 def test_a_replicated_stage_in_the_ray_pipeline_equals_the_loop(ray_local: str, tmp_path: Path, transport: str) -> None:
     cfg = tiny_config(tiny_npz(tmp_path), layers="conv:8,conv:8", replicas="1,2", steps=6, transport=transport,
                       run_dir=str(tmp_path / "run"))
@@ -140,7 +140,7 @@ def test_a_replicated_stage_in_the_ray_pipeline_equals_the_loop(ray_local: str, 
     assert all(torch.equal(replica[0]["modules"][n], states[1]["modules"][n]) for n in replica[0]["modules"])
 
 
-@pytest.mark.parametrize("transport", ["object-store", pytest.param("compiled-graph", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("transport", ["object-store", pytest.param("compiled-graph", marks=pytest.mark.slow), "shm"])
 def test_a_killed_replica_is_replaced_and_the_run_ends_as_an_uninterrupted_one(
         ray_local: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     monkeypatch.setattr(placement, "REPLICA_TIMEOUT_S", 10.0)  # a lost peer is usually seen at once (its socket closes)
