@@ -61,9 +61,9 @@ class StepReport:
 
 @dataclass(frozen=True)
 class Hop:
-    """What travels from stage to stage on the compiled-graph transport (pipeline/engines/compiled_graph.py):
-    the activation with the control that goes with it, so that a stage's barrier snapshot keeps its place
-    right behind its step in the one order the graph runs every stage's calls in."""
+    """What travels from stage to stage on the compiled-graph and shm transports ([Note: in-band barriers] in
+    pipeline/engines/inband.py): the activation with the control that goes with it, so that a stage's barrier
+    snapshot keeps its place right behind its step in the one order every stage runs its messages in."""
 
     m: int  # micro-batch number
     step: bool  # learn from x (False: a snapshot-only message, x is None)
