@@ -69,14 +69,27 @@ class Hop:
     step: bool  # learn from x (False: a snapshot-only message, x is None)
     store: CheckpointStore | None  # write this stage's part of the barrier after m here (None: no barrier)
     x: np.ndarray | None  # the input of this stage: frames for stage 0, the stage below's output above it
+    #   (None in an shm channel's message: the array travels beside it, in a shared-memory slot)
 
 
 @dataclass(frozen=True)
 class HopResult:
     """What a stage hands the driver for one `Hop`: small, no tensors."""
 
+    m: int  # the Hop's micro-batch number
+    step: bool  # the Hop's: a step's result (False: a snapshot-only message's)
     report: StepReport | None  # the step's report (None: a snapshot-only message)
     part: Part | CheckpointError | None  # its part of the barrier, or why the store refused it (None: no barrier)
+
+
+@dataclass(frozen=True)
+class HopFailed:
+    """On the shm transport, in place of a `Hop` (up the chain) and of a `HopResult` (to the driver): the
+    message for m failed in a stage, this one or one below (pipeline/engines/shm.py)."""
+
+    m: int  # micro-batch number
+    step: bool  # the failed message's
+    error: BaseException  # the stage's StageError, a lost replica (ReplicaLost), or another of lamina's errors
 
 
 def partition(n_layers: int, per_stage: int) -> list[tuple[int, int]]:
@@ -190,7 +203,7 @@ class Stage:
                 part = self.snapshot(msg.m, msg.store)
             except CheckpointError as e:
                 part = e
-        return Hop(msg.m, msg.step, msg.store, y), HopResult(report, part)
+        return Hop(msg.m, msg.step, msg.store, y), HopResult(msg.m, msg.step, report, part)
 
     # -- state -----------------------------------------------------------------------------------------
 

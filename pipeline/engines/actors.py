@@ -8,6 +8,7 @@ caller's: pipeline/engines/placement.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import warnings
@@ -23,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipeline.checkpoints import CheckpointStore
 from pipeline.engines import channel
 from pipeline.errors import LaminaError, StageError, StageLost
-from pipeline.stage import Hop, HopResult, Stage, StepReport
+from pipeline.stage import Hop, HopFailed, HopResult, Stage, StepReport
 from pipeline.telemetry.gauges import StageGauges
 from workers.learner import LearnerSpec
 from workers.replicas import ReplicaGroup, ReplicaLost, free_port, share
@@ -228,28 +229,28 @@ class _StageActor(Stage):
         failed: BaseException | None = None  # this stage's own failure: every later message fails with it
         try:
             while True:
-                header, x = inp.recv()
-                if header is None:  # the driver's stop, handed up
+                msg, x = inp.recv()  # a Hop without its array (x is that), a HopFailed, or None: stop
+                if msg is None:  # the driver's stop, handed up
                     if out is not None:
                         out.send(None)
                     return
-                kind, m, step, payload = header
-                error = payload if kind == "fail" else failed
+                error = msg.error if isinstance(msg, HopFailed) else failed
                 if error is None:
                     try:
-                        nxt, result = self.hop(Hop(m, step, payload, x), emit=out is not None)
+                        nxt, result = self.hop(dataclasses.replace(msg, x=x), emit=out is not None)
                     except Exception as e:  # noqa: BLE001 - sent on in place of the results (shm.py)
-                        error = failed = _portable(e, self.index, m, self.name)
+                        error = failed = _portable(e, self.index, msg.m, self.name)
                 if x is not None:
                     inp.release()  # the step is done with its input
                 if error is not None:
+                    failure = HopFailed(msg.m, msg.step, error)
                     if out is not None:
-                        out.send(("fail", m, step, error))
-                    res.send(("fail", m, step, error))
+                        out.send(failure)
+                    res.send(failure)
                     continue
                 if out is not None:
-                    out.send(("hop", m, step, payload), nxt.x)
-                res.send(("done", m, step, result))
+                    out.send(dataclasses.replace(nxt, x=None), nxt.x)
+                res.send(result)
         except channel.ChannelClosed:
             return  # a neighbour or the driver is gone: the driver tears down and recovers
         finally:

@@ -28,6 +28,7 @@ across nodes (pipeline/engines/transport.py `resolve`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -42,7 +43,7 @@ from pipeline.engines import channel
 from pipeline.engines.actors import SHM_GROUP, get
 from pipeline.engines.inband import InBandTransport
 from pipeline.errors import LaminaError, StageError, StageLost
-from pipeline.stage import Hop, HopResult
+from pipeline.stage import Hop, HopFailed, HopResult
 from workers.replicas import ReplicaLost
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class ShmTransport(InBandTransport):
     def _send(self, msg: Hop) -> None:
         assert self._in0 is not None
         try:
-            self._in0.send(("hop", msg.m, msg.step, msg.store), msg.x)
+            self._in0.send(dataclasses.replace(msg, x=None), msg.x)  # the control, and the frames beside it
         except channel.ChannelClosed as e:
             raise self._lost(0, msg.m, e) from e
 
@@ -141,12 +142,12 @@ class ShmTransport(InBandTransport):
         early = self._early[k]
         while (m, step) not in early:
             try:
-                (kind, got, got_step, payload), _ = self._res[k].recv()
+                got, _ = self._res[k].recv()  # a HopResult, or a HopFailed in its place
             except channel.ChannelClosed as e:
                 raise self._lost(k, m, e) from e
-            if kind == "fail":
-                raise _failure(payload, k, got, self.actors.names[k])
-            early[(got, got_step)] = payload
+            if isinstance(got, HopFailed):
+                raise _failure(got.error, k, got.m, self.actors.names[k])
+            early[(got.m, got.step)] = got
         return early.pop((m, step))
 
     def _lost(self, k: int, m: int, cause: BaseException) -> StageLost:
