@@ -254,14 +254,17 @@ def test_stage_metrics_reach_prometheus_and_the_actors_are_listed(ray_local: str
 # -- the command line: `lamina train` is the Ray engine ---------------------------------------------------
 
 
-def test_lamina_train_runs_the_ray_engine_by_default(ray_local: str, data: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", [None, "auto"])
+def test_lamina_train_runs_the_ray_engine_by_default(ray_local: str, data: str, tmp_path: Path,
+                                                     transport: str | None) -> None:
     run_dir = tmp_path / "clirun"
     rc = cli.main(["train", "--data", data, "--layers", "conv:8,conv:8", "--size", "16", "--clips", "4",
-                   "--clip-len", "3", "--steps", "5", "--run-dir", str(run_dir)])
+                   "--clip-len", "3", "--steps", "5", "--run-dir", str(run_dir),
+                   *(["--transport", transport] if transport else [])])
 
     assert rc == 0
     config = json.loads((run_dir / "config.json").read_text())
-    assert (config["engine"], config["run_dir"]) == ("ray", str(run_dir))
+    assert (config["engine"], config["run_dir"], config["transport"]) == ("ray", str(run_dir), transport or "object-store")
     metrics = RunDir(run_dir).read_metrics().to_pydict()
     assert list(zip(metrics["step"], metrics["layer"], metrics["stage"], strict=True)) == \
         [(m, k, k) for m in range(5) for k in (0, 1)]  # one stage per layer
