@@ -60,13 +60,29 @@ def _opened_pair(tmp_path: Path, target, *extra: object) -> tuple[mp.Process, mp
     return child, opened
 
 
-def test_arrays_arrive_intact_and_a_larger_one_grows_its_slot(tmp_path: Path) -> None:
+def _writer_to_echo(tmp_path: Path, slots: int) -> tuple[mp.Process, channel.Writer, mp.Queue]:
+    """A writer of `slots` slots, both ends open, to a child that echoes what it reads into the queue."""
     results = SPAWN.Queue()
     child, opened = _opened_pair(tmp_path, _echo, results)
-    writer = channel.Writer(str(tmp_path), "c", 2)
+    writer = channel.Writer(str(tmp_path), "c", slots)
     writer.open_write()
     opened.put("write ends")
     assert results.get(timeout=30) == "open"
+    return child, writer, results
+
+
+def _pair(directory: str, slots: int) -> tuple[channel.Reader, channel.Writer]:
+    """Both ends of channel "c" in this process, opened in the order the module docstring asks."""
+    channel.make(directory, "c")
+    reader = channel.Reader(directory, "c")
+    writer = channel.Writer(directory, "c", slots)
+    writer.open_write()
+    reader.open_write()
+    return reader, writer
+
+
+def test_arrays_arrive_intact_and_a_larger_one_grows_its_slot(tmp_path: Path) -> None:
+    child, writer, results = _writer_to_echo(tmp_path, 2)
     arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.full((2, 2, 2), 7, np.int64),
               np.arange(300_000, dtype=np.float64),  # larger than the first slot: the slot grows
               np.arange(5, dtype=np.float32)]
@@ -85,11 +101,7 @@ def test_arrays_arrive_intact_and_a_larger_one_grows_its_slot(tmp_path: Path) ->
 
 
 def test_the_writer_blocks_while_every_slot_is_taken(tmp_path: Path) -> None:
-    channel.make(str(tmp_path), "c")
-    reader = channel.Reader(str(tmp_path), "c")
-    writer = channel.Writer(str(tmp_path), "c", 2)
-    writer.open_write()
-    reader.open_write()
+    reader, writer = _pair(str(tmp_path), 2)
     for i in range(2):
         writer.send(i, np.full(8, i, np.float32))
     third = threading.Thread(target=writer.send, args=(2, np.full(8, 2, np.float32)), daemon=True)
@@ -123,12 +135,7 @@ def test_a_dead_writer_ends_the_readers_wait(tmp_path: Path) -> None:
 
 
 def test_a_dead_reader_fails_the_writers_send(tmp_path: Path) -> None:
-    results = SPAWN.Queue()
-    child, opened = _opened_pair(tmp_path, _echo, results)
-    writer = channel.Writer(str(tmp_path), "c", 1)
-    writer.open_write()
-    opened.put("write ends")
-    assert results.get(timeout=30) == "open"
+    child, writer, results = _writer_to_echo(tmp_path, 1)
     writer.send("first", np.ones(4, np.float32))
     assert results.get(timeout=30)[0] == "first"
     os.kill(child.pid, signal.SIGKILL)
@@ -143,11 +150,7 @@ def test_a_dead_reader_fails_the_writers_send(tmp_path: Path) -> None:
 def test_a_slot_that_does_not_fit_in_shared_memory_is_an_error_naming_the_way_out() -> None:
     directory = tempfile.mkdtemp(prefix="lamina-test-", dir="/dev/shm")
     try:
-        channel.make(directory, "c")
-        reader = channel.Reader(directory, "c")
-        writer = channel.Writer(directory, "c", 1)
-        writer.open_write()
-        reader.open_write()
+        reader, writer = _pair(directory, 1)
         # A broadcast view: as many bytes as all of /dev/shm and more, while holding one float.
         huge = np.broadcast_to(np.float32(1), ((shutil.disk_usage(directory).total + 2**30) // 4,))
         with pytest.raises(OSError, match=r"no room for a .* MiB channel slot .* --transport object-store"):

@@ -24,6 +24,7 @@ only the run's processes can write into its FIFOs.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import pickle
@@ -69,7 +70,7 @@ def _write_all(fd: int, data: bytes) -> None:
     try:
         while view:
             view = view[os.write(fd, view):]
-    except (BrokenPipeError, ConnectionResetError) as e:
+    except OSError as e:  # a broken pipe: the reader is gone
         raise ChannelClosed(str(e)) from e
 
 
@@ -108,9 +109,7 @@ class Reader:
                 self._maps[i] = (path, mmap.mmap(fd, 0, prot=mmap.PROT_READ))
             finally:
                 os.close(fd)
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape)) if shape else 1
-        return header, np.frombuffer(self._maps[i][1], dtype=dt, count=count).reshape(shape)
+        return header, np.frombuffer(self._maps[i][1], dtype=dtype, count=math.prod(shape)).reshape(shape)
 
     def release(self) -> None:
         """Give the oldest slot back to the writer (its array is no longer read)."""
@@ -157,12 +156,7 @@ class Writer:
             np.copyto(np.frombuffer(mm, dtype=array.dtype, count=array.size).reshape(array.shape), array,
                       casting="no")
             slot = (i, path, array.shape, array.dtype.str)
-        try:
-            _send_message(self.msg, (header, slot))
-        except ChannelClosed:
-            raise
-        except OSError as e:
-            raise ChannelClosed(str(e)) from e
+        _send_message(self.msg, (header, slot))
 
     def _slot(self, i: int, nbytes: int) -> tuple[str, mmap.mmap]:
         held = self._files[i]
