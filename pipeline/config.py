@@ -94,8 +94,13 @@ class TrainConfig:
                                  section="ray")
     queue_depth: int = flag(2, "bounded channel depth between stages, in micro-batches", section="ray")
     balance: str = flag("even", "which layers each stage holds: even (--layers-per-stage each) or auto (as many "
-                        "stages, split by each layer's step time, measured before the run starts)",
+                        "stages, split by each layer's step time within --stage-memory-gb, measured before the "
+                        "run starts)",
                         choices=BALANCES, section="ray")
+    stage_memory_gb: float = flag(0.0, "with --balance auto: the most memory one stage may need, in GB (each "
+                                  "layer's parameters, gradients, optimizer state and a step's activations, "
+                                  "measured); the split respects it or the run stops before it starts",
+                                  shown="the GPU's memory where the driver sees one, else no limit", section="ray")
     transport: str = flag("object-store", "how activations travel between stages: object-store (a Ray call "
                           "per step, output references chained), direct (Ray Direct Transport: tensors sent stage to stage over a "
                           "collective group, gloo on the cpu, NCCL between GPUs), compiled-graph (a Ray Compiled Graph: "
@@ -174,6 +179,9 @@ class TrainConfig:
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
             (self.balance in BALANCES, f"--balance must be one of {list(BALANCES)}", self.balance),
+            (self.stage_memory_gb >= 0, "--stage-memory-gb must be >= 0", self.stage_memory_gb),
+            (not self.stage_memory_gb or self.balance == "auto", "--stage-memory-gb needs --balance auto",
+             self.stage_memory_gb),
             (self.transport in TRANSPORTS, f"--transport must be one of {list(TRANSPORTS)}", self.transport),
             (self.replicas == "auto" or _replica_counts_ok(self.replicas, self.clips),
              f"--replicas must be auto or counts >= 1 that divide --clips {self.clips}", self.replicas),

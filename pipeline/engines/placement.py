@@ -31,7 +31,7 @@ from typing_extensions import Self  # typing.Self from Python 3.11; typing_exten
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.engines.actors import NAMESPACE, PING_TIMEOUT_S, Replicas, get, stage_actor_class
-from pipeline.engines.balance import measure_layers, replica_counts, stage_ranges
+from pipeline.engines.balance import device_memory_gb, measure_layers, replica_counts, stage_ranges
 from pipeline.engines.transport import Transport, make_transport, resolve
 from pipeline.errors import ConfigError, PlacementError, StageLost
 from pipeline.rundir import checkpoint_location
@@ -86,9 +86,8 @@ class StageActors:
     def __init__(self, cfg: TrainConfig, spec: LearnerSpec) -> None:
         self.cfg, self.spec = cfg, spec
         self.ranges = stage_ranges(len(spec.blocks), cfg.layers_per_stage, cfg.balance, spec, cfg.clips,
-                                   cfg.clip_len, max(1, int(cfg.cpus_per_stage)))
-        if cfg.balance == "auto":
-            logger.info("--balance auto: stages hold layers %s", [[k + 1 for k in range(a, b)] for a, b in self.ranges])
+                                   cfg.clip_len, max(1, int(cfg.cpus_per_stage)),
+                                   cfg.stage_memory_gb or (device_memory_gb() if cfg.balance == "auto" else 0))
         self.run_id = make_run_id(cfg.run_dir)
         self.names = [f"lamina-{self.run_id}-stage{k}" for k in range(len(self.ranges))]
         self.handles: list[Any] = []  # ActorHandle of each stage
@@ -160,7 +159,7 @@ class StageActors:
             return replica_counts(cfg.replicas, n, cfg.clips)
         resources = ray.cluster_resources()
         slots = int(resources.get("GPU", 0) // self.gpus) if self.gpus else int(resources.get("CPU", 0) // cfg.cpus_per_stage)
-        costs = measure_layers(self.spec, cfg.clips, cfg.clip_len, max(1, int(cfg.cpus_per_stage)))
+        costs = [c.step_s for c in measure_layers(self.spec, cfg.clips, cfg.clip_len, max(1, int(cfg.cpus_per_stage)))]
         counts = replica_counts("auto", n, cfg.clips, [sum(costs[a:b]) for a, b in self.ranges], slots)
         logger.info("--replicas auto: %s over %d devices (stage step times %s ms)", counts, slots,
                     [round(1000 * sum(costs[a:b]), 1) for a, b in self.ranges])
