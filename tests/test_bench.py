@@ -51,6 +51,10 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert [r["replicas"] for r in res["replicas"]["rows"]] == [1, 2]
     assert all(r["rate"] > 0 for r in res["replicas"]["rows"]) and res["replicas"]["rows"][0]["scaling_efficiency"] == 1
     assert "## Replicas" in table
+    # Balance: each split's stages with their measured memory (2 layers in 2 stages: one split only).
+    bl = res["balance"]
+    assert bl["balanced"] == bl["even"] and len(bl["even_stage_mb"]) == 2 and all(m > 0 for m in bl["even_stage_mb"])
+    assert "stage memory (MB)" in table
 
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["headline"]["rate"] == pytest.approx(head["rate"])

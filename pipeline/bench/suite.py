@@ -208,11 +208,12 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     # slowest / mean stage of each, and one pipeline run of the balanced split (its own actors, measured right
     # after the even split's last repeat).
     if cfg.balance:
-        from pipeline.engines.balance import imbalance, partition_by_cost
+        from pipeline.engines.balance import imbalance, measure_layers, partition_by_cost, stage_bytes
 
         progress(f"balance S={s_head}, B={b_head}")
         per_layer = [g["step_s"] for g in ray.get([iso_probe.measure.remote((k, k + 1)) for k in range(n_layers)])]
         balanced = partition_by_cost(per_layer, s_head)
+        held = measure_layers(spec, b_head, cfg.clip_len, steps=1)  # each layer's memory (its times: above)
         t_bal = [g["step_s"] for g in ray.get([iso_probe.measure.remote(r) for r in balanced])]
         # With the transport that was fastest in the headline: the even row is its number from there.
         best = max(results["by_transport"], key=lambda t: results["by_transport"][t]["rate"])
@@ -225,6 +226,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
             "transport": best,
             "per_layer_s": per_layer, "even": head_split, "balanced": balanced, "balanced_in_run": ranges_run,
             "even_imbalance": imbalance(per_layer, head_split), "balanced_imbalance": imbalance(per_layer, balanced),
+            "even_stage_mb": [stage_bytes(held[a:b]) / 1e6 for a, b in head_split],
+            "balanced_stage_mb": [stage_bytes(held[a:b]) / 1e6 for a, b in balanced],
             "even_t_iso_s": results["headline"]["t_iso_s"], "balanced_t_iso_s": t_bal,
             "even_rate": results["by_transport"][best]["rate"], "balanced_rate": bal_run["rate"],
             "balanced_efficiency": bal_run["rate"] * max(t_bal),
