@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     t_iso = stage_times(spec, args.clips, cfg.clip_len, ranges, 5, args.steps)
     lines += ["| layers | step ms (GPU, alone) |", "|---|---|"]
     lines += [f"| {a}-{b - 1} | {t * 1e3:.2f} |" for (a, b), t in t_iso.items()]
+    from pipeline.engines.balance import measure_layers  # --balance auto's view: the CUDA allocator's bytes
+
+    held = measure_layers(spec, args.clips, cfg.clip_len, steps=2)
+    lines += ["", "| layer | state MB (params, grads, Adam) | working MB (one step, allocator peak) |", "|---|---|---|"]
+    lines += [f"| {k} | {c.state_bytes / 1e6:.1f} | {c.work_bytes / 1e6:.1f} |" for k, c in enumerate(held)]
 
     shapes = output_shapes(spec.blocks, spec.in_shape)
     sizes = sorted({args.clips * cfg.clip_len * int(np.prod(s)) * 4 for s in shapes[:-1]} | {64 << 20})
