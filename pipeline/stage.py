@@ -149,15 +149,17 @@ class Stage:
             learner.group = group
 
     def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True, as_tensor: bool = False,
-             ) -> tuple[Any, StepReport]:
+             into: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> tuple[Any, StepReport]:
         """Learn from micro-batch m; return this stage's output (None when `emit` is off) and a report. The
         output is a numpy array on the cpu, or with `as_tensor` a torch tensor on the stage's device (for a
-        transport that carries tensors itself). A replica is given its share of the clips
+        transport that carries tensors itself); `into` (shape, dtype) gives the host memory to write it in
+        ([Note: emitting into a slot] in workers/learner.py). A replica is given its share of the clips
         (workers/replicas.py `share`) and returns the whole micro-batch's output."""
         start = time.time()
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-            out, metrics = self.stack.step(xt.to(self.device))
+            use = into is not None and emit and self.group is None  # replicas gather their output anew
+            out, metrics = self.stack.step(xt.to(self.device), _tensors(into) if use else None)
             # [Note: the non-finite guard] One guard for every engine: a non-finite loss, or a step that made
             # a weight non-finite (an lr too large can do that with a finite loss), has been stepped into the
             # weights, so the run cannot go on; it stops here, where layer and micro-batch are known, and
@@ -189,14 +191,15 @@ class Stage:
             self._report(report)
         return y, report
 
-    def hop(self, msg: Hop, emit: bool = True) -> tuple[Hop, HopResult]:
+    def hop(self, msg: Hop, emit: bool = True,
+            into: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> tuple[Hop, HopResult]:
         """Step on `msg` (when it carries a step), then write the barrier snapshot it asks for; returns the
         message for the stage above and the result for the driver. A store that refuses the snapshot is
         reported in the result, not raised: the run decides ([Note: barrier checkpoints])."""
         y, report = None, None
         if msg.step:
             assert msg.x is not None, msg  # the driver and the stage below always send an input with a step
-            y, report = self.step(msg.m, msg.x, emit)
+            y, report = self.step(msg.m, msg.x, emit, into=into)
         part: Part | CheckpointError | None = None
         if msg.store is not None:
             try:
@@ -261,3 +264,10 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _tensors(into: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
+    """`into` as the learner asks for memory: (shape, torch dtype) -> a tensor over the array it gives."""
+    def tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(into(shape, torch.empty(0, dtype=dtype).numpy().dtype))
+    return tensor

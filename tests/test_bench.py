@@ -43,6 +43,7 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert [h["nbytes"] for h in res["hops"]] == [64 * KB, 1 * MB]
     assert all(h["ms"]["numpy-ref"] > h["ms"]["memcpy"] > 0 for h in res["hops"])
     assert all(h["ms"][t] > h["ms"]["memcpy"] for h in res["hops"] for t in ("direct", "compiled-graph", "shm"))
+    assert all(h["ms"]["shm-in-place"] > 0 for h in res["hops"])  # the engine's own path: no copy to compare
     # The engine's transports side by side, in the same repeats as the headline, with what each costs idle.
     assert set(res["by_transport"]) == {"object-store", "direct", "compiled-graph", "shm"}
     assert all(v["rate"] > 0 and v["idle_cores"] >= 0 for v in res["by_transport"].values())

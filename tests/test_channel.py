@@ -1,6 +1,7 @@
 """The shared-memory channel under the shm transport (pipeline/engines/channel.py), between real processes:
-arrays arrive intact through slots that grow when needed, the writer blocks when every slot is taken, and a
-process that dies makes the other end raise ChannelClosed instead of hanging."""
+arrays arrive intact through slots that grow when needed, an array made in a claimed slot is sent without a
+copy, the writer blocks when every slot is taken, and a process that dies makes the other end raise
+ChannelClosed instead of hanging."""
 
 from __future__ import annotations
 
@@ -114,6 +115,34 @@ def test_the_writer_blocks_while_every_slot_is_taken(tmp_path: Path) -> None:
     third.join(10)
     assert not third.is_alive()
     assert [reader.recv()[0] for _ in range(2)] == [1, 2]
+    reader.close()
+    writer.close()
+
+
+def test_an_array_made_in_a_claimed_slot_is_sent_without_a_copy(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    reader, writer = _pair(str(tmp_path), 2)
+    copies: list[int] = []
+    copyto = np.copyto
+    monkeypatch.setattr(channel.np, "copyto", lambda dst, src, **kw: (copies.append(src.nbytes), copyto(dst, src, **kw)))
+    view = writer.claim((6, 4), np.dtype(np.float32))
+    assert view.flags.writeable and writer.claim((6, 4), np.dtype(np.float32)).ctypes.data == view.ctypes.data
+    view[:] = np.arange(24, dtype=np.float32).reshape(6, 4)  # made in the slot
+    writer.send("made in place", view.reshape(2, 3, 4))  # a view of the claimed slot: nothing to copy
+    writer.send("copied", np.ones(5, np.float32))  # an ordinary array: copied into the next slot
+    assert copies == [20]
+    header, x = reader.recv()
+    assert header == "made in place" and x is not None and x.shape == (2, 3, 4)
+    assert np.array_equal(x.ravel(), np.arange(24, dtype=np.float32))
+    # Both slots are the reader's now: a claim waits for one to come back, as a send does.
+    third = threading.Thread(target=writer.claim, args=((4,), np.dtype(np.float32)), daemon=True)
+    third.start()
+    third.join(0.5)
+    assert third.is_alive()
+    reader.release()
+    third.join(10)
+    assert not third.is_alive()
+    assert reader.recv()[0] == "copied"
     reader.close()
     writer.close()
 

@@ -75,6 +75,29 @@ def test_other_normalisations_scale_per_location_or_not_at_all() -> None:
     torch.testing.assert_close(per_location, torch.ones_like(per_location), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("norm", ["rms", "channel", "none"])
+def test_an_output_emitted_into_given_memory_is_the_same_bits_in_that_memory(norm: str) -> None:
+    s = dataclasses.replace(spec(), norm=norm)
+    plain, into = Learner(s, 0, 2), Learner(s, 0, 2)
+    given: list[torch.Tensor] = []
+
+    def memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        given.append(torch.full(shape, float("nan"), dtype=dtype))
+        return given[-1]
+
+    for seed in range(3):
+        a, ma = plain.step(clips(seed=seed))
+        b, mb = into.step(clips(seed=seed), memory)
+        assert torch.equal(a, b) and ma == mb and not b.requires_grad
+        assert b.data_ptr() == given[-1].data_ptr()  # the output is the memory given, filled
+    for p, q in zip(plain.modules().parameters(), into.modules().parameters(), strict=True):
+        assert torch.equal(p, q)
+    # a stack writes only its top learner's output there
+    stack = LearnerStack.layer_local(s, 0, 3)
+    out, _ = stack.step(clips(), memory)
+    assert out.data_ptr() == given[-1].data_ptr() and given[-1].shape == (12, 8)
+
+
 def test_end_to_end_learner_trains_every_block() -> None:
     e2e = Learner(spec(), 0, 3)
     e2e.step(clips())

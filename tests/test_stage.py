@@ -12,6 +12,7 @@ from support import state_differences
 
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
+from pipeline.engines import channel
 from pipeline.errors import CheckpointError, StageError
 from pipeline.stage import LayerReport, Stage
 
@@ -33,6 +34,30 @@ def test_a_stage_steps_its_layers_and_reports_each() -> None:
     assert [lr.layer for lr in report.layers] == [1, 2] and all(isinstance(lr, LayerReport) for lr in report.layers)
     assert report.start <= report.end and 0 < report.busy <= 1
     assert stage.get_ledger() == [[0, 1]]
+
+
+def test_a_stage_makes_its_output_in_the_next_channel_s_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the shm transport's stage loop does (pipeline/engines/actors.py): the output is written into the
+    # slot the channel to the stage above claims, so sending it copies nothing; the same bits as without.
+    channel.make(str(tmp_path), "c")
+    reader, writer = channel.Reader(str(tmp_path), "c"), channel.Writer(str(tmp_path), "c", 2)
+    writer.open_write()
+    reader.open_write()
+    copies: list[int] = []
+    copyto = np.copyto
+    monkeypatch.setattr(channel.np, "copyto", lambda dst, src, **kw: (copies.append(src.nbytes), copyto(dst, src, **kw)))
+    made, plain = Stage(SPEC, 0, 2), Stage(SPEC, 0, 2)
+    for m in range(2):
+        y, _ = made.step(m, frames(m), into=writer.claim)
+        assert y is not None and np.array_equal(y, plain.step(m, frames(m))[0])
+        writer.send(m, y)
+        got, x = reader.recv()
+        assert got == m and x is not None and np.array_equal(x, y)
+        reader.release()
+    assert copies == []
+    assert state_differences(made.states(), plain.states()) == []
+    reader.close()
+    writer.close()
 
 
 def test_its_part_of_a_checkpoint_restores_it_exactly(tmp_path: Path) -> None:

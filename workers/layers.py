@@ -93,7 +93,7 @@ def output_shapes(specs: tuple[BlockSpec, ...], in_shape: tuple[int, int, int]) 
 NORMS = ("rms", "channel", "none")  # how a block's output is scaled before the next block sees it
 
 
-def normalise(y: Tensor, kind: str = "rms", eps: float = 1e-6) -> Tensor:
+def normalise(y: Tensor, kind: str = "rms", eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
     """Scale each sample's activity before the next layer sees it.
 
     rms      unit root-mean-square per sample (length sqrt(numel)): the default. As in Forward-Forward, the
@@ -103,16 +103,19 @@ def normalise(y: Tensor, kind: str = "rms", eps: float = 1e-6) -> Tensor:
     channel  unit RMS across channels at every location of a conv map (a local contrast normalisation:
              faint and bright parts of a frame weigh the same); vectors as rms.
     none     unchanged.
+
+    `out`: a contiguous tensor of y's shape to write the result into (outside autograd): the same values,
+    computed by the same last operation, in memory someone else gave (a channel's slot: workers/learner.py).
     """
-    if kind == "none":
-        return y
     if kind not in NORMS:
         raise ValueError(f"normalisation must be one of {NORMS} (got {kind!r})")
+    if kind == "none":
+        return y if out is None else out.copy_(y)
     if kind == "channel" and y.dim() == 4:
-        return y / y.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()
+        return torch.div(y, y.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt(), out=out)
     flat = y.flatten(1)
     rms = flat.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()
-    return (flat / rms).view_as(y)
+    return torch.div(flat, rms, out=None if out is None else out.view_as(flat)).view_as(y)
 
 
 def pool_features(y: Tensor, grid: int) -> Tensor:

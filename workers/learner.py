@@ -21,6 +21,7 @@ and the objective sits on the top one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 from workers.layers import BlockSpec, Head, build_blocks, normalise, output_shapes, pool_features, pooled_size
 from workers.objectives import get_objective
 from workers.replicas import ReplicaGroup
+
+
+Into = Callable[[tuple[int, ...], torch.dtype], Tensor]  # (shape, dtype) -> a contiguous tensor to write into
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,10 @@ class Learner:
             outs.append(x)
         return outs
 
-    def step(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def step(self, x: Tensor, into: Into | None = None) -> tuple[Tensor, dict[str, float]]:
         """Learn from one micro-batch x (B, T, ...) and emit this learner's output (B, T, ...). In a replica
-        group x is this replica's share of the micro-batch's clips, and so is the output."""
+        group x is this replica's share of the micro-batch's clips, and so is the output. `into`, when
+        given, supplies the memory the output is written into ([Note: emitting into a slot])."""
         assert not x.requires_grad, "a learner's input must arrive detached"
         b, t = x.shape[:2]
         y = self._top(x.flatten(0, 1))
@@ -109,8 +114,21 @@ class Learner:
             self.group.reduce_grads(self.params)
         self.optimizer.step()
         self.steps += 1
-        out = normalise(y, self.spec.norm).detach()  # [Note: the detach boundary]
+        out = self._emit(y, into)  # [Note: the detach boundary]
         return out.view(b, t, *out.shape[1:]), result.metrics()
+
+    def _emit(self, y: Tensor, into: Into | None) -> Tensor:
+        """normalise(y), cut from the graph. [Note: emitting into a slot] A transport that owns the memory
+        the next stage reads (a shared-memory slot, pipeline/engines/channel.py) passes `into`; the
+        normalisation then writes its result there (on a GPU: one copy to the host memory), so handing
+        the output on copies nothing. The values are the same bits either way: the same operations."""
+        if into is None:
+            return normalise(y, self.spec.norm).detach()
+        buf = into(tuple(y.shape), y.dtype)
+        with torch.no_grad():
+            if buf.device == y.device:
+                return normalise(y, self.spec.norm, out=buf)
+            return buf.copy_(normalise(y, self.spec.norm))
 
     def _top(self, x: Tensor) -> Tensor:
         """Forward all blocks; intermediate outputs normalised, the top one raw (normalised on emit)."""
@@ -155,9 +173,10 @@ class LearnerStack:
         """One single-block learner per block in [first, last)."""
         return cls([Learner(spec, k, k + 1, device) for k in range(first, last)])
 
-    def step(self, x: Tensor) -> tuple[Tensor, list[dict[str, float]]]:
+    def step(self, x: Tensor, into: Into | None = None) -> tuple[Tensor, list[dict[str, float]]]:
+        """Step every learner in turn; the last one's output goes `into` the memory given, if any."""
         metrics = []
-        for learner in self.learners:
-            x, m = learner.step(x)
+        for i, learner in enumerate(self.learners):
+            x, m = learner.step(x, into if i + 1 == len(self.learners) else None)
             metrics.append(m)
         return x, metrics

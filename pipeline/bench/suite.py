@@ -77,7 +77,7 @@ class BenchConfig:
     queue_depth: int = 2  # the pipeline's channel depth
     hop_sizes: tuple[int, ...] = SIZES  # activation sizes of the per-hop measurement
     hop_rounds: int = 8  # measured hops per size and transport
-    transports: tuple[str, ...] = ("numpy-ref", "direct", "compiled-graph", "shm", "wake")  # per-hop: the engine's transports; full adds all
+    transports: tuple[str, ...] = ("numpy-ref", "direct", "compiled-graph", "shm", "shm-in-place", "wake")  # per-hop: the engine's transports; full adds all
     # --transport values the headline pipeline runs with, side by side in every repeat (the first is the
     # headline's own numbers and the one the scaling and replica runs use: `auto`'s pick on the cpu)
     pipeline_transports: tuple[str, ...] = ("shm", "object-store", "direct", "compiled-graph")

@@ -22,6 +22,9 @@ machine, median over rounds after warm-up. Transports:
   shm           numpy array through lamina's shared-memory channel (the engine's --transport shm,
                 pipeline/engines/channel.py): the producer copies it into a slot and writes a message into a
                 FIFO; the consumer, blocked reading the FIFO, wakes and holds a view of the slot
+  shm-in-place  the same channel as the engine's stages use it: the producer makes the array in the slot it
+                claimed (a stage's last operation writes its output there: [Note: emitting into a slot] in
+                workers/learner.py), then hands it over, and the hand-over copies nothing: the message only
   wake          the same channel with no array: the message alone wakes the blocked consumer. The floor of
                 any handover to a process that waits in the kernel, whatever the size: shm is memcpy + wake
   memcpy        numpy copy of the same bytes in one process: the floor any transport is measured against
@@ -51,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 KB, MB = 1024, 1024 * 1024
 SIZES = (64 * KB, 1 * MB, 16 * MB, 64 * MB)
-TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "direct", "compiled-graph", "shm", "wake")
+TRANSPORTS = ("numpy-ref", "torch-ref", "queue", "direct", "compiled-graph", "shm", "shm-in-place", "wake")
 
 
 class _Producer:
@@ -93,11 +96,16 @@ class _Producer:
         else:
             self.writer.open_write()
 
-    def shm_send(self, nbytes: int, times: int) -> None:
+    def shm_send(self, nbytes: int, times: int, in_place: bool = False) -> None:
         x = self._payload(nbytes) if nbytes else None  # 0: the message alone
         for _ in range(times):
             time.sleep(0.002)  # the consumer is back to waiting on the channel, as a stage waits for input
-            self.writer.send(time.time(), x)  # the copy into the slot comes after the stamp: part of the hop
+            if in_place and x is not None:  # made in the slot (here: written there), then handed over
+                made = self.writer.claim(x.shape, x.dtype)
+                np.copyto(made, x)
+                self.writer.send(time.time(), made)
+            else:
+                self.writer.send(time.time(), x)  # the copy into the slot comes after the stamp: part of the hop
 
 
 class _Consumer:
@@ -168,7 +176,7 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
             dag = consumer.take_stamped.bind(producer.emit_stamped.bind(size))
         graph = dag.experimental_compile(_buffer_size_bytes=max(sizes) + MB)
     shm_dir = None
-    if "shm" in transports or "wake" in transports:  # the consumer's read end, then the producer's; then the write ends (channel.py)
+    if {"shm", "shm-in-place", "wake"} & set(transports):  # the consumer's read end, then the producer's; then the write ends (channel.py)
         shm_dir = tempfile.mkdtemp(prefix="lamina-hops-", dir=shm.shm_dir())
         channel.make(shm_dir, "hop")
         for phase in (0, 1):
@@ -187,10 +195,11 @@ def hop_costs(sizes: Sequence[int] = SIZES, rounds: int = 20, warmup: int = 3,
                     x = direct[0].emit_tensor.options(tensor_transport="gloo").remote(nbytes)
                     received = ray.get(direct[1].take.remote(x))
                     sent = ray.get(direct[0].last_sent.remote())
-                elif transport in ("shm", "wake"):  # all rounds in one call each: the loop a stage runs
+                elif transport in ("shm", "shm-in-place", "wake"):  # all rounds in one call each: as a stage loops
                     if r == 0:
                         got = consumer.shm_take.remote(warmup + rounds)
-                        ray.get(producer.shm_send.remote(nbytes if transport == "shm" else 0, warmup + rounds))
+                        ray.get(producer.shm_send.remote(0 if transport == "wake" else nbytes, warmup + rounds,
+                                                         transport == "shm-in-place"))
                         stamps = ray.get(got)
                     sent, received = stamps[r]
                 elif transport == "queue":

@@ -94,9 +94,9 @@ class _StageActor(Stage):
     # dead one's bundle, forms the group again and has every replica load the checkpoint.
 
     def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True, as_tensor: bool = False,
-             ) -> tuple[Any, StepReport]:
+             into: Any = None) -> tuple[Any, StepReport]:
         if not self.followers:
-            return super().step(m, x, emit, as_tensor)
+            return super().step(m, x, emit, as_tensor, into)
         size = len(self.followers) + 1
         refs = [f.replica_step.remote(m, share(x, r, size), emit) for r, f in enumerate(self.followers, 1)]
         y, report = super().step(m, share(x, 0, size), emit, as_tensor)
@@ -237,7 +237,9 @@ class _StageActor(Stage):
                 error = msg.error if isinstance(msg, HopFailed) else failed
                 if error is None:
                     try:
-                        nxt, result = self.hop(dataclasses.replace(msg, x=x), emit=out is not None)
+                        # The output is written straight into the next channel's slot: sending it copies nothing.
+                        nxt, result = self.hop(dataclasses.replace(msg, x=x), out is not None,
+                                               out.claim if out is not None else None)
                     except Exception as e:  # noqa: BLE001 - sent on in place of the results (shm.py)
                         error = failed = _portable(e, self.index, msg.m, self.name)
                 if x is not None:

@@ -6,6 +6,10 @@ messages through a FIFO. The `shm` transport (pipeline/engines/shm.py) chains st
       copy the array into slot i (one memcpy)         recv(): the message, and a view of slot i (no copy)
       send the message, naming slot i  -- msg FIFO -->
 
+A writer that makes the array itself can make it in the slot: `claim` gives a writable view of the next
+free slot, and `send` of that view copies nothing (the stages write their outputs so: [Note: emitting into
+a slot] in workers/learner.py).
+
 A channel is a directory's files: `NAME.msg` and `NAME.free` (FIFOs) and `NAME.slot<i>.<generation>`
 (shared-memory files, in /dev/shm where there is one). Slots are used in turn, so the free FIFO carries one
 byte per released slot and the writer blocks on it when all `slots` are taken: that is the bounded queue.
@@ -140,23 +144,37 @@ class Writer:
     def open_write(self) -> None:
         self.msg = _open_fifo(self.base + ".msg", os.O_WRONLY)
 
+    def claim(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A writable view of the next free slot, of `shape` and `dtype` (blocks while none is free): fill it
+        and `send` it, and the send copies nothing. Claiming again before a send gives the same slot."""
+        self._await_credit()
+        count = math.prod(shape)
+        _, mm = self._slot(self._next, count * np.dtype(dtype).itemsize)
+        return np.frombuffer(mm, dtype=dtype, count=count).reshape(shape)
+
     def send(self, header: Any, array: np.ndarray | None = None) -> None:
-        """Send `header` and, with it, a copy of `array` in the next free slot (blocks while none is free)."""
+        """Send `header` and, with it, `array` in the next free slot (blocks while none is free): a copy of
+        it, or nothing to copy when it is the view `claim` gave, or a view of that."""
         slot = None
         if array is not None:
-            if not self._credits:
-                got = os.read(self.free, self.slots)
-                if not got:
-                    raise ChannelClosed("the reader is gone")
-                self._credits += len(got)
+            self._await_credit()
             i = self._next
             path, mm = self._slot(i, array.nbytes)  # may refuse (no room): then no slot is used up
+            view = np.frombuffer(mm, dtype=array.dtype, count=array.size).reshape(array.shape)
+            if not (array.ctypes.data == view.ctypes.data and array.flags.c_contiguous):  # not made in the slot
+                np.copyto(view, array, casting="no")
             self._credits -= 1
             self._next = (i + 1) % self.slots
-            np.copyto(np.frombuffer(mm, dtype=array.dtype, count=array.size).reshape(array.shape), array,
-                      casting="no")
             slot = (i, path, array.shape, array.dtype.str)
         _send_message(self.msg, (header, slot))
+
+    def _await_credit(self) -> None:
+        """Block until the reader has given a slot back, unless one is free already."""
+        if not self._credits:
+            got = os.read(self.free, self.slots)
+            if not got:
+                raise ChannelClosed("the reader is gone")
+            self._credits += len(got)
 
     def _slot(self, i: int, nbytes: int) -> tuple[str, mmap.mmap]:
         held = self._files[i]
