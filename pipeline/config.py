@@ -105,7 +105,7 @@ class TrainConfig:
                           "per step, output references chained), direct (Ray Direct Transport: tensors sent stage to stage over a "
                           "collective group, gloo on the cpu, NCCL between GPUs), compiled-graph (a Ray Compiled Graph: "
                           "shared-memory channels, no call per step), shm (lamina's shared-memory channels between the stages of "
-                          "one node: one memcpy per hop, no call per step) or auto (the one measured best for the "
+                          "one node: outputs made in the next stage's slot, no copy and no call per step) or auto (the one measured best for the "
                           "stages' device)", choices=TRANSPORTS, section="ray")
     replicas: str = flag("1", "data-parallel replicas per stage, each on its own device (CPU bundle or GPU), "
                          "splitting the micro-batch's clips and summing gradients with an all-reduce: one count "
