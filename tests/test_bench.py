@@ -55,7 +55,8 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     # Balance: each split's stages with their measured memory (2 layers in 2 stages: one split only).
     bl = res["balance"]
     assert bl["balanced"] == bl["even"] and len(bl["even_stage_mb"]) == 2 and all(m > 0 for m in bl["even_stage_mb"])
-    assert "stage memory (MB)" in table
+    assert len(bl["even_busy_s"]) == len(bl["balanced_busy_s"]) == 2 and all(t > 0 for t in bl["balanced_busy_s"])
+    assert "stage memory (MB)" in table and "stage step in the pipeline (ms)" in table
 
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert on_disk["headline"]["rate"] == pytest.approx(head["rate"])

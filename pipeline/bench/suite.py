@@ -229,6 +229,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
             "even_stage_mb": [stage_bytes(held[a:b]) / 1e6 for a, b in head_split],
             "balanced_stage_mb": [stage_bytes(held[a:b]) / 1e6 for a, b in balanced],
             "even_t_iso_s": results["headline"]["t_iso_s"], "balanced_t_iso_s": t_bal,
+            "even_busy_s": results["by_transport"][best]["busy_s"], "balanced_busy_s": bal_run["busy_s"],
             "even_rate": results["by_transport"][best]["rate"], "balanced_rate": bal_run["rate"],
             "balanced_efficiency": bal_run["rate"] * max(t_bal),
             "balanced_busy_fraction": max(bal_run["busy_fraction"]),
@@ -312,7 +313,8 @@ def _headline(runs: list[dict[str, Any]], stages: int, clips: int, cores: int) -
     t_iso_med = [med(r["t_iso_s"][k] for r in runs) for k in range(stages)]
     cpu = {k: med(r["pipeline"]["cores"][k] for r in runs) for k in runs[0]["pipeline"]["cores"]}
     return {"stages": stages, "clips": clips, "rate": rate, "rates": [r["pipeline"]["rate"] for r in runs],
-            "t_iso_s": t_iso_med, "efficiency": med(effs), "efficiencies": effs, "compute_slowdown": med(slowdown),
+            "t_iso_s": t_iso_med, "busy_s": [med(r["pipeline"]["busy_s"][k] for r in runs) for k in range(stages)],
+            "efficiency": med(effs), "efficiencies": effs, "compute_slowdown": med(slowdown),
             "bottleneck_busy_fraction": med(fraction), "corun_slowdown": med(corun),
             "efficiency_vs_free_cores": med(avail_effs), "baselines": base,
             "cpu_efficiency": med(cpu_ratio) if cpu_ratio else float("nan"),
