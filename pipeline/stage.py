@@ -158,8 +158,9 @@ class Stage:
         start = time.time()
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-            use = into is not None and emit and self.group is None  # replicas gather their output anew
-            out, metrics = self.stack.step(xt.to(self.device), _tensors(into) if use else None)
+            # replicas gather their output anew: theirs is not made where it goes
+            slot = _tensors(into) if into is not None and emit and self.group is None else None
+            out, metrics = self.stack.step(xt.to(self.device), slot)
             # [Note: the non-finite guard] One guard for every engine: a non-finite loss, or a step that made
             # a weight non-finite (an lr too large can do that with a finite loss), has been stepped into the
             # weights, so the run cannot go on; it stops here, where layer and micro-batch are known, and

@@ -11,7 +11,14 @@ import pytest
 from support import Recorder, sequential, setup, state_differences, tiny_config, tiny_npz
 
 from pipeline.config import TrainConfig
-from pipeline.engines.balance import GB, imbalance, measure_layers, partition_by_cost, stage_bytes, stage_ranges
+from pipeline.engines.balance import (
+    GB,
+    imbalance,
+    measure_layers,
+    partition_by_cost,
+    stage_bytes,
+    stage_ranges,
+)
 from pipeline.engines.ray_engine import run_ray
 from pipeline.errors import ConfigError
 from workers.learner import Learner
@@ -42,7 +49,7 @@ def test_the_split_minimises_the_slowest_stage(costs: list[float], stages: int) 
 def test_the_split_is_the_fastest_of_those_that_fit(stages: int) -> None:
     costs, sizes = [3, 8, 2, 7, 1, 4, 6], [5, 1, 4, 4, 2, 6, 3]
     for cap in (9, 14, 16):
-        fits = lambda a, b, cap=cap: sum(sizes[a:b]) <= cap  # noqa: E731
+        fits = lambda a, b, cap=cap: sum(sizes[a:b]) <= cap
         if brute_force(costs, stages, fits) == float("inf"):
             with pytest.raises(ValueError, match="fits"):
                 partition_by_cost(costs, stages, fits)

@@ -31,7 +31,6 @@ from workers.layers import BlockSpec, Head, build_blocks, normalise, output_shap
 from workers.objectives import get_objective
 from workers.replicas import ReplicaGroup
 
-
 Into = Callable[[tuple[int, ...], torch.dtype], Tensor]  # (shape, dtype) -> a contiguous tensor to write into
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.learner import LearnerSpec
+from workers.learner import LearnerSpec, LearnerStack
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,6 @@ def measure_layers(spec: LearnerSpec, clips: int, clip_len: int, threads: int = 
     cluster on a CPU-only head measures cpu times, whose proportions only approximate the GPUs', and the
     tensors' bytes, without CUDA's workspaces."""
     from workers.layers import normalise, output_shapes
-    from workers.learner import LearnerStack
 
     shapes = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)]
     saved = torch.get_num_threads()
@@ -192,6 +191,7 @@ def measure_layers(spec: LearnerSpec, clips: int, clip_len: int, threads: int = 
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
             if cuda:  # held after the step beside x and y: parameters, gradients, optimizer state
+                assert y is not None
                 state = torch.cuda.memory_allocated() - base - x.nbytes - y.nbytes
                 work = torch.cuda.max_memory_allocated() - base - state
             else:
