@@ -267,7 +267,8 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _tensors(into: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
+def _tensors(into: Callable[[tuple[int, ...], np.dtype], np.ndarray],
+             ) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
     """`into` as the learner asks for memory: (shape, torch dtype) -> a tensor over the array it gives."""
     def tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(into(shape, torch.empty(0, dtype=dtype).numpy().dtype))

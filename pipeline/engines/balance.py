@@ -6,9 +6,9 @@ layer's step (forward, local loss, backward, optimizer step, normalised output) 
 thread budget, for a few micro-batches of the run's shape, and `partition_by_cost` picks the contiguous
 split that minimises the slowest stage among those whose every stage fits in `--stage-memory-gb` (a GPU's
 memory, by default where the driver sees one). The number of stages stays what --layers-per-stage gives;
-only the boundaries move. Which stage holds a layer changes nothing a layer computes (each keeps its own learner and
-loss), so a balanced pipeline still equals the sequential loop bit for bit, and a checkpoint regroups into
-any split (pipeline/engines/ray_engine.py `load`).
+only the boundaries move. Which stage holds a layer changes nothing a layer computes (each keeps its own
+learner and loss), so a balanced pipeline still equals the sequential loop bit for bit, and a checkpoint
+regroups into any split (pipeline/engines/ray_engine.py `load`).
 
     costs (ms)   50  35  20   6        even split, S = 2:  [50 35] [20 6]   slowest 85, mean 55.5: 1.53
                                        balanced:           [50] [35 20 6]   slowest 61, mean 55.5: 1.10
@@ -69,14 +69,16 @@ def stage_ranges(n_layers: int, per_stage: int, balance: str, spec: LearnerSpec 
         ranges = partition_by_cost([c.step_s for c in layers], len(even),
                                    (lambda a, b: stage_bytes(layers[a:b]) <= cap) if cap else None)
     except ValueError as e:
-        need = ", ".join(f"layer {k + 1}: {(c.state_bytes + c.work_bytes) / GB:.3g}" for k, c in enumerate(layers))
+        need = ", ".join(f"layer {k + 1}: {(c.state_bytes + c.work_bytes) / GB:.3g}"
+                         for k, c in enumerate(layers))
         raise ConfigError(f"--stage-memory-gb {memory_gb:g}: {e}. Each layer alone needs (GB) {need}. Use more "
                           f"stages (a lower --layers-per-stage), fewer --clips per micro-batch, or a larger "
                           f"--stage-memory-gb") from None
     logger.info("--balance auto: stages hold layers %s, step %s ms, memory %s MB (limit: %s)",
                 [[k + 1 for k in range(a, b)] for a, b in ranges],
                 [round(1e3 * sum(c.step_s for c in layers[a:b]), 1) for a, b in ranges],
-                [round(stage_bytes(layers[a:b]) / 1e6, 1) for a, b in ranges], f"{memory_gb:g} GB" if cap else "none")
+                [round(stage_bytes(layers[a:b]) / 1e6, 1) for a, b in ranges],
+                f"{memory_gb:g} GB" if cap else "none")
     return ranges
 
 
