@@ -147,6 +147,20 @@ def test_an_array_made_in_a_claimed_slot_is_sent_without_a_copy(tmp_path: Path,
     writer.close()
 
 
+def test_messages_come_whole_whether_a_read_holds_several_or_a_part_of_one(tmp_path: Path) -> None:
+    reader, writer = _pair(str(tmp_path), 2)
+    big = bytes(range(256)) * 1200  # 300 KB: more than the FIFO holds and more than one read takes
+    headers = [("small", 1), ("big", big), ("small", 2), ("small", 3)]
+    sender = threading.Thread(target=lambda: [writer.send(h) for h in headers], daemon=True)
+    sender.start()  # the big one blocks the sender until the reader takes it in parts
+    assert [reader.recv()[0] for _ in headers] == headers
+    sender.join(10)
+    writer.close()
+    with pytest.raises(channel.ChannelClosed):
+        reader.recv()  # the writer is gone and nothing is left: end of file
+    reader.close()
+
+
 def test_a_dead_writer_ends_the_readers_wait(tmp_path: Path) -> None:
     sent = SPAWN.Queue()
     child, opened = _opened_pair(tmp_path, _writer_then_sleep, sent)

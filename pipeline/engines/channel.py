@@ -34,6 +34,7 @@ import os
 import pickle
 import shutil
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,16 @@ class Reader:
         self._maps.clear()  # a view still held keeps its mapping alive until it is dropped
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """One of a writer's slots: its file, the mapping, its size and where the mapping starts."""
+
+    path: str
+    mm: mmap.mmap
+    size: int
+    address: int
+
+
 class Writer:
     """The writing end of channel `name`, with `slots` array slots in flight at most."""
 
@@ -138,7 +149,7 @@ class Writer:
         self.msg = -1  # opened by open_write, once the reader has opened its end
         self._credits = slots  # slots the reader has given back and not yet reused
         self._next = 0  # the slot the next array goes into
-        self._files: list[tuple[str, mmap.mmap, int] | None] = [None] * slots  # slot -> (path, mapping, size)
+        self._files: list[_Slot | None] = [None] * slots
         self._generation = 0
 
     def open_write(self) -> None:
@@ -149,8 +160,8 @@ class Writer:
         and `send` it, and the send copies nothing. Claiming again before a send gives the same slot."""
         self._await_credit()
         count = math.prod(shape)
-        _, mm = self._slot(self._next, count * np.dtype(dtype).itemsize)
-        return np.frombuffer(mm, dtype=dtype, count=count).reshape(shape)
+        held = self._slot(self._next, count * np.dtype(dtype).itemsize)
+        return np.frombuffer(held.mm, dtype=dtype, count=count).reshape(shape)
 
     def send(self, header: Any, array: np.ndarray | None = None) -> None:
         """Send `header` and, with it, `array` in the next free slot (blocks while none is free): a copy of
@@ -159,13 +170,13 @@ class Writer:
         if array is not None:
             self._await_credit()
             i = self._next
-            path, mm = self._slot(i, array.nbytes)  # may refuse (no room): then no slot is used up
-            view = np.frombuffer(mm, dtype=array.dtype, count=array.size).reshape(array.shape)
-            if not (array.ctypes.data == view.ctypes.data and array.flags.c_contiguous):  # not made in the slot
-                np.copyto(view, array, casting="no")
+            held = self._slot(i, array.nbytes)  # may refuse (no room): then no slot is used up
+            if not (array.__array_interface__["data"][0] == held.address and array.flags.c_contiguous):
+                view = np.frombuffer(held.mm, dtype=array.dtype, count=array.size).reshape(array.shape)
+                np.copyto(view, array, casting="no")  # not made in the slot: copied there
             self._credits -= 1
             self._next = (i + 1) % self.slots
-            slot = (i, path, array.shape, array.dtype.str)
+            slot = (i, held.path, array.shape, array.dtype.str)
         _send_message(self.msg, (header, slot))
 
     def _await_credit(self) -> None:
@@ -176,12 +187,12 @@ class Writer:
                 raise ChannelClosed("the reader is gone")
             self._credits += len(got)
 
-    def _slot(self, i: int, nbytes: int) -> tuple[str, mmap.mmap]:
+    def _slot(self, i: int, nbytes: int) -> _Slot:
         held = self._files[i]
-        if held is not None and held[2] >= nbytes:
-            return held[0], held[1]
+        if held is not None and held.size >= nbytes:
+            return held
         if held is not None:
-            os.unlink(held[0])  # the reader has released it: it maps the new file when the message names it
+            os.unlink(held.path)  # the reader has released it: it maps the new file when the message names it
             self._files[i] = None
         self._generation += 1
         path = f"{self.base}.slot{i}.{self._generation}"
@@ -199,8 +210,8 @@ class Writer:
                                    f"({free / 2**20:.1f} MiB free): enlarge /dev/shm (a container's default is "
                                    f"64 MiB) or use --transport object-store") from e
         os.close(fd)
-        self._files[i] = (path, mm, size)
-        return path, mm
+        held = self._files[i] = _Slot(path, mm, size, np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0])
+        return held
 
     def close(self) -> None:
         for fd in (self.msg, self.free):
@@ -210,7 +221,7 @@ class Writer:
         for held in self._files:
             if held is not None:
                 try:
-                    os.unlink(held[0])
+                    os.unlink(held.path)
                 except FileNotFoundError:
                     pass
         self._files = [None] * self.slots
