@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 from pipeline.cli import main
+from pipeline.engines.cluster import connect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,6 +123,8 @@ def _dead_pid() -> int:
 def test_bad_input_ends_in_one_clear_line(name: str, argv: list[str], code: int, words: list[str],
                                           files: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
+    if name == "dead-address" and ray.is_initialized():
+        ray.shutdown()  # as a fresh `lamina` process finds it (another module's Ray may be up in this one)
     (tmp_path / "afile").write_text("not a directory")
     names = {k: str(v) for k, v in files.items()} | {"tmp": str(tmp_path)}
     before = {p: p.stat().st_mtime_ns for p in files["run"].rglob("*") if p.is_file()}
@@ -135,6 +139,20 @@ def test_bad_input_ends_in_one_clear_line(name: str, argv: list[str], code: int,
     # Nothing the finished run wrote was changed by a refused command.
     assert {p: p.stat().st_mtime_ns for p in files["run"].rglob("*") if p.is_file()} == before
     assert took < 60, took
+
+
+def test_an_address_other_than_the_cluster_already_joined_is_refused(ray_local: str, files: dict[str, Path],
+                                                                    tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # A program that called ray.init itself and then asks lamina for another cluster: refused, not run
+    # on the one it is connected to.
+    argv = ["train", "--data", f"npz:{files['npz']}", "--run-dir", str(tmp_path / "r"), "--address", "127.0.0.1:1",
+            "--layers", "conv:4", "--size", "8", "--clips", "3", "--clip-len", "2"]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"connected to the Ray cluster at {ray_local} already" in last and "ray.shutdown()" in last, last
+    connect(ray_local)  # the cluster it is connected to: fine
+    connect("127.0.0.1:" + ray_local.rpartition(":")[2])  # the same, by another of its host's names
 
 
 def test_a_resume_may_lengthen_the_run(files: dict[str, Path], tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import grpc
 import ray
 from ray._private.services import canonicalize_bootstrap_address  # how ray.init itself resolves an address
 
-from pipeline.errors import PlacementError
+from pipeline.errors import ConfigError, PlacementError
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,24 @@ def connect(address: str | None, cpus: float = 1.0, timeout: float = 30.0, log: 
     to that file instead of the terminal.
     """
     if ray.is_initialized():
+        _check_same(address)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     with _output_to(log):
         _connect(address, cpus, timeout)
+
+
+def _check_same(address: str | None) -> None:
+    """Refuse an --address that names another cluster than the one this process is connected to already
+    (ray.init was called before: a notebook, a test, a program that imports lamina), rather than run there
+    unasked. Told apart by the GCS port: the same cluster may be reached by another of its host's names."""
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return
+    current = ray.get_runtime_context().gcs_address
+    if address.rpartition(":")[2] != current.rpartition(":")[2]:
+        raise ConfigError(f"--address {address}: this process is connected to the Ray cluster at {current} "
+                          f"already (ray.init was called before); call ray.shutdown() first, or leave "
+                          f"--address out to run on that cluster")
 
 
 def _connect(address: str | None, cpus: float, timeout: float) -> None:
