@@ -117,7 +117,7 @@ class TrainConfig:
     gpus_per_stage: float | None = flag(None, "GPUs reserved per stage; a fraction shares one GPU between stages",
                                         parse=_auto_float, metavar="N|auto", shown="auto: 1 when the cluster has GPUs, else 0",
                                         section="ray")
-    address: str | None = flag(None, "Ray cluster to join", metavar="HOST:PORT",
+    address: str | None = flag(None, "Ray cluster to join (a program connected to one already runs there and refuses another)", metavar="HOST:PORT",
                                shown="RAY_ADDRESS, else a new local Ray", section="ray")
     connect_timeout: float = flag(30.0, "seconds the Ray cluster at --address has to answer before the run "
                                   "gives up", metavar="S", section="ray")
