@@ -13,7 +13,7 @@
        against 1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency], for
        each --transport (object-store, compiled-graph, shm) and, at S = 2, --balance auto.
        The compiled-graph and shm transports carry the stages' host (numpy) outputs through shared memory
-       here too (shm: device -> host -> one memcpy -> host -> device): the compiled graph's NCCL path (device tensors between GPUs) is not built yet, so this measures its control
+       here too (shm: device -> the slot in host memory -> device): the compiled graph's NCCL path (device tensors between GPUs) is not built yet, so this measures its control
        path on a GPU machine, not device-to-device transfer.
     4. where the machine has 2 or more GPUs, S = 2 stages on a GPU each with --transport object-store (device
        -> host -> object store -> host -> device) and shm (device -> host -> shared memory -> host -> device)

@@ -1,13 +1,13 @@
 """The shm transport (`--transport shm`): the stages of one node chained by shared-memory channels
 (pipeline/engines/channel.py), each stage running its own loop, behind the seam of pipeline/engines/transport.py.
 
-    driver --in0--> stage 0 --in1--> stage 1 --in2--> stage 2          activations: shared memory, one memcpy
+    driver --in0--> stage 0 --in1--> stage 1 --in2--> stage 2          activations: shared memory, no copy
        ^--res0-------'    ^--res1-------'    ^--res2-------'           reports and barrier parts, small
 
-The driver writes micro-batch m's frames into channel in0; stage k reads m from in<k> (a view of the slot,
-no copy), steps, writes its output into in<k+1> and its `HopResult` into res<k>. No Ray call per step and
-no object store: a hop is one memcpy and one FIFO wake-up, and the driver does one write and S small reads
-per micro-batch, whatever S is. Barriers ride in the stream ([Note: in-band barriers] in inband.py).
+The driver writes micro-batch m's frames into channel in0 (one copy); stage k reads m from in<k> (a view of
+the slot, no copy), steps with its output made in a slot of in<k+1> ([Note: emitting into a slot] in
+workers/learner.py), sends it on and writes its `HopResult` into res<k>. No Ray call per step and no object
+store: a hop is one FIFO wake-up, and the driver does one write and S small reads per micro-batch. Barriers ride in the stream ([Note: in-band barriers] in inband.py).
 
 [Note: shm lifetime and recovery]
 `begin` makes the channels in a fresh directory (in /dev/shm, named with the driver's pid: a later run on the

@@ -19,8 +19,8 @@ writes a barrier snapshot right behind the step it belongs to.
                      torch tensors over NCCL instead: not measured here). No per-call RPC, no object store.
                      In pipeline/engines/compiled_graph.py, with how barriers and recovery work in a graph.
     shm              lamina's own shared-memory channels between the stages of one node: each stage runs a
-                     loop that reads its input as a view of a shared-memory slot, steps, and copies its output
-                     into the next stage's slot (one memcpy per hop; FIFOs carry the messages and wake the
+                     loop that reads its input as a view of a shared-memory slot, steps, and makes its output
+                     in the next stage's slot (no copy per hop; FIFOs carry the messages and wake the
                      reader, nothing polls). No Ray call per step. In pipeline/engines/shm.py.
 """
 
