@@ -147,9 +147,9 @@ def test_an_array_made_in_a_claimed_slot_is_sent_without_a_copy(tmp_path: Path,
     writer.close()
 
 
-def test_messages_come_whole_whether_a_read_holds_several_or_a_part_of_one(tmp_path: Path) -> None:
+def test_messages_come_whole_small_or_larger_than_the_fifo_holds(tmp_path: Path) -> None:
     reader, writer = _pair(str(tmp_path), 2)
-    big = bytes(range(256)) * 1200  # 300 KB: more than the FIFO holds and more than one read takes
+    big = bytes(range(256)) * 1200  # 300 KB: more than the FIFO holds, so the writer waits for the reader
     headers = [("small", 1), ("big", big), ("small", 2), ("small", 3)]
     sender = threading.Thread(target=lambda: [writer.send(h) for h in headers], daemon=True)
     sender.start()  # the big one blocks the sender until the reader takes it in parts
