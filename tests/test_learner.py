@@ -98,6 +98,24 @@ def test_an_output_emitted_into_given_memory_is_the_same_bits_in_that_memory(nor
     assert out.data_ptr() == given[-1].data_ptr() and given[-1].shape == (12, 8)
 
 
+@pytest.mark.gpu
+def test_a_gpu_learner_emits_into_host_memory_with_one_copy_and_the_same_bits() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    plain, into = Learner(spec(), 0, 2, "cuda"), Learner(spec(), 0, 2, "cuda")
+    host = torch.empty(0)
+
+    def memory(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nonlocal host
+        host = torch.empty(shape, dtype=dtype)  # host memory, as a shared-memory slot is
+        return host
+
+    a, _ = plain.step(clips().cuda())
+    b, _ = into.step(clips().cuda(), memory)
+    assert b.device.type == "cpu" and b.data_ptr() == host.data_ptr()
+    assert torch.equal(a.cpu(), b)
+
+
 def test_end_to_end_learner_trains_every_block() -> None:
     e2e = Learner(spec(), 0, 3)
     e2e.step(clips())
