@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.checkpoints import CheckpointStore, Ledger, Part
 from pipeline.errors import CheckpointError, StageError
 from workers.learner import Learner, LearnerSpec, LearnerStack
@@ -129,6 +130,7 @@ class Stage:
                  report: Callable[[StepReport], None] | None = None) -> None:
         self.index, self.name = index, name  # the actor's name, when it is one
         self.device = torch.device(device)
+        keep_freed_memory()  # its steps reuse their activations' memory (pipeline/allocator.py)
         if e2e:
             self.stack = LearnerStack([Learner(spec, first, last, self.device)])
             self.first, self.last = 0, 1

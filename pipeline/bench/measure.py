@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
+from pipeline.allocator import keep_freed_memory
+
 if TYPE_CHECKING:
     from pipeline.bench.suite import BenchConfig
 
@@ -43,6 +45,7 @@ class StageProbe:
 
     def __init__(self, cfg: BenchConfig, spec: Any, clips: int, threads: int) -> None:
         torch.set_num_threads(threads)
+        keep_freed_memory()  # as the stages run (pipeline/allocator.py)
         self.cfg, self.spec, self.clips = cfg, spec, clips
         # The first stage built in a process pays one-time costs (kernel caches, allocator arenas) that
         # would count towards its peak: pay them here, outside any measurement.

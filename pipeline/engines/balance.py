@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.allocator import keep_freed_memory
 from workers.learner import LearnerSpec, LearnerStack
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def measure_layers(spec: LearnerSpec, clips: int, clip_len: int, threads: int = 
     tensors' bytes, without CUDA's workspaces."""
     from workers.layers import normalise, output_shapes
 
+    keep_freed_memory()  # as the stages run (pipeline/allocator.py)
     shapes = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)]
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
