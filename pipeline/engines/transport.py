@@ -45,12 +45,13 @@ logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("object-store", "direct", "compiled-graph", "shm")
 # `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG, 2026-11-30
-# S1-S5 and M1-M2): shm ran S = 2 ahead of the object store in six of seven side-by-side runs (the latest four
-# 1.12x, 1.41x, 1.27x and, over 5 repeats, 1.07x, ahead in 4 of the 5 pairs), kept the bottleneck stage
-# busy 0.99-1.02 of the time, hands an output over with no copy (the stage makes it in the next stage's slot: 1.8-2.2x a memcpy at 1 MB,
-# the object store's over 100x), takes no CPU while idle (an idle compiled graph polls with about a core per
-# stage) and a fifth of the object store's driver CPU per stage. Direct Transport tied with it once (12.25
-# against 12.20) and trailed it in the others. It needs one node: across nodes `auto` takes the object store.
+# S1-S5 and M1-M5): shm ran S = 2 ahead of the object store in seven of nine side-by-side runs (the latest
+# 1.09x; before it 1.12x, 1.41x, 1.27x and, over 5 repeats, 1.07x, ahead in 4 of the 5 pairs), kept the
+# bottleneck stage busy 0.99-1.02 of the time, hands an output over with no copy (the stage makes it in the
+# next stage's slot: 1.6-2.3x a memcpy at 1 MB, the object store's over 70x), takes no CPU while idle (an idle
+# compiled graph polls with about a core per stage) and a fifth of the object store's driver CPU per stage.
+# Direct Transport tied with it once (12.25 against 12.20) and trailed it in the others. It needs one node:
+# across nodes `auto` takes the object store.
 # cuda: not measured (no GPU lent); `direct` over NCCL is the candidate (device to device): the object store
 # until `python -m pipeline.bench.gpu_check` says otherwise.
 AUTO = {"cpu": "shm", "cuda": "object-store"}
