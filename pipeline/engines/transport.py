@@ -50,8 +50,9 @@ TRANSPORTS = ("object-store", "direct", "compiled-graph", "shm")
 # bottleneck stage busy 0.99-1.02 of the time, hands an output over with no copy (the stage makes it in the
 # next stage's slot: 1.6-2.3x a memcpy at 1 MB, the object store's over 70x), takes no CPU while idle (an idle
 # compiled graph polls with about a core per stage) and a fifth of the object store's driver CPU per stage.
-# Direct Transport tied with it once (12.25 against 12.20) and trailed it in the others. It needs one node:
-# across nodes `auto` takes the object store.
+# Direct Transport tied with it once (12.25 against 12.20), led once (12.41 against 9.34, a run in which shm's
+# first stage stepped a third slower than alone: M5) and trailed it in the others. It needs one node: across
+# nodes `auto` takes the object store.
 # cuda: not measured (no GPU lent); `direct` over NCCL is the candidate (device to device): the object store
 # until `python -m pipeline.bench.gpu_check` says otherwise.
 AUTO = {"cpu": "shm", "cuda": "object-store"}
