@@ -500,6 +500,11 @@ def test_a_single_stream_takes_negatives_far_apart_in_time() -> None:
     formed, gaps, fresh = [], [], []
     done = [False]
     while not (done[0] and len(buffer) == 0):
+        # The pipeline as slower than the producer, its steady state: each micro-batch is formed from a full
+        # buffer. (Formed whenever the thread scheduler lets this loop run ahead, one could find the producer
+        # descheduled and relax mid-stream: on a loaded 2-core machine it did, once.)
+        while producer.is_alive() and len(buffer) < buffer.capacity:
+            time.sleep(0.001)
         done[0] = not producer.is_alive()
         f = buffer.form(len(formed), stopping=lambda: done[0])
         if f is None:
