@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
 
@@ -22,19 +23,14 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 MMAP_THRESHOLD = 128 << 20  # blocks up to this size come from the heap, not from mmap
 TRIM_THRESHOLD = 1 << 30  # the heap's free top is returned to the kernel only beyond this
 
-_done: list[bool] = []  # once per process
 
-
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Set this process's allocator to keep freed memory for reuse (module docstring); True where it did."""
-    if _done:
-        return _done[0]
-    ok = False
-    if platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-        if not ok:
-            logger.debug("mallopt refused the thresholds: the allocator keeps its defaults")
-    _done.append(ok)
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not ok:
+        logger.debug("mallopt refused the thresholds: the allocator keeps its defaults")
     return ok

@@ -55,11 +55,9 @@ def format_tables(res: dict[str, Any]) -> str:
         def _ranges(rs: list[list[int]]) -> str:
             return " / ".join(",".join(str(k + 1) for k in range(a, b)) for a, b in rs)
 
-        def _mb(bl: dict, split: str) -> str:  # results from before the memory was measured lack it
-            return " / ".join(f"{m:.0f}" for m in bl.get(f"{split}_stage_mb", ())) or "-"
-
-        def _busy(bl: dict, split: str) -> str:  # each stage's mean step while the pipeline ran (ditto)
-            return " / ".join(f"{t * 1e3:.0f}" for t in bl.get(f"{split}_busy_s", ())) or "-"
+        def _row(split: str) -> str:  # per stage: step alone, step in the pipeline (ms), memory (MB)
+            return " | ".join(" / ".join(f"{v * scale:.0f}" for v in bl[f"{split}_{key}"])
+                              for key, scale in (("t_iso_s", 1e3), ("busy_s", 1e3), ("stage_mb", 1)))
 
         lines += ["", f"## Balance: layers per stage by measured step time (--balance auto; --transport {bl.get('transport', 'object-store')})", "",
                   f"Layer step times alone (ms, 1 thread): {' / '.join(f'{t * 1e3:.1f}' for t in bl['per_layer_s'])}.",
@@ -67,12 +65,11 @@ def format_tables(res: dict[str, Any]) -> str:
                   f"| stage memory (MB) | mb/s | vs sequential 1t | vs sequential {cores}t |"),
                   "|---|---|---|---|---|---|---|---|---|",
                   (f"| even (--layers-per-stage) | {_ranges(bl['even'])} | {bl['even_imbalance']:.2f} | "
-                   f"{' / '.join(f'{t * 1e3:.0f}' for t in bl['even_t_iso_s'])} | {_busy(bl, 'even')} | {_mb(bl, 'even')} | "
-                   f"{bl['even_rate']:.2f} | "
+                   f"{_row('even')} | {bl['even_rate']:.2f} | "
                    f"{bl['even_rate'] / b['sequential 1t']:.2f}x | {bl['even_rate'] / b[f'sequential {cores}t']:.2f}x |"),
                   (f"| balanced (--balance auto) | {_ranges(bl['balanced'])} (the run: {_ranges(bl['balanced_in_run'])})"
-                   f" | {bl['balanced_imbalance']:.2f} | {' / '.join(f'{t * 1e3:.0f}' for t in bl['balanced_t_iso_s'])}"
-                   f" | {_busy(bl, 'balanced')} | {_mb(bl, 'balanced')} | {bl['balanced_rate']:.2f} | {bl['balanced_vs_sequential']['sequential 1t']:.2f}x | "
+                   f" | {bl['balanced_imbalance']:.2f} | {_row('balanced')} | {bl['balanced_rate']:.2f}"
+                   f" | {bl['balanced_vs_sequential']['sequential 1t']:.2f}x | "
                    f"{bl['balanced_vs_sequential'][f'sequential {cores}t']:.2f}x |")]
     if res.get("replicas"):
         rp = res["replicas"]

@@ -7,14 +7,15 @@
 The driver writes micro-batch m's frames into channel in0 (one copy); stage k reads m from in<k> (a view of
 the slot, no copy), steps with its output made in a slot of in<k+1> ([Note: emitting into a slot] in
 workers/learner.py), sends it on and writes its `HopResult` into res<k>. No Ray call per step and no object
-store: a hop is one FIFO wake-up, and the driver does one write and S small reads per micro-batch. Barriers ride in the stream ([Note: in-band barriers] in inband.py).
+store: a hop is one FIFO wake-up, and the driver does one write and S small reads per micro-batch. Barriers
+ride in the stream ([Note: in-band barriers] in inband.py).
 
 [Note: shm lifetime and recovery]
-`begin` makes the channels in a fresh directory (in /dev/shm, named with the driver's pid: a later run on the
-node removes the directory of a driver that was killed before it could) and opens them in two rounds of calls, read
-ends then write ends (channel.py says why), then starts each stage's loop as a call in the actor's own
-`shm` concurrency group, so that the stage still answers its other calls (states, ledger, ping) while the
-loop waits for input. A stage whose own code fails sends the error to the driver and up the chain in place
+`begin` makes the channels in a fresh directory (in /dev/shm, named with the driver's pid: a later run on
+the node removes the directory of a driver that was killed before it could) and opens them in two rounds
+of calls, read ends then write ends (channel.py says why), then starts each stage's loop as a call in the
+actor's own `shm` concurrency group, so that the stage still answers its other calls (states, ledger, ping)
+while the loop waits for input. A stage whose own code fails sends the error to the driver and up the chain in place
 of its results, and goes on reading (nothing blocks below it). A stage that dies closes its channel ends:
 the stage above sees end of file, the one below a broken pipe, the driver end of file on res<k>; each loop
 ends and closes its own ends, so the loss spreads to every loop. The driver names the stage whose loop
