@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray.util.state import list_actors
 from support import (
     NaNAt,
@@ -164,6 +165,33 @@ def test_a_failing_stage_stops_the_run_once_naming_stage_and_micro_batch(ray_loc
     # Torn down: no stage actor, no placement group left behind.
     assert wait_until(lambda: not run_actors("failrun")), run_actors("failrun")
     assert run_placement_groups("failrun") == []
+
+
+class ThreadsSeen:
+    """A sampler that notes the driver's torch thread count whenever it is asked for a micro-batch."""
+
+    def __init__(self, sampler: ClipSampler) -> None:
+        self.sampler, self.threads = sampler, set()
+
+    def batch(self, m: int) -> MicroBatch:
+        self.threads.add(torch.get_num_threads())
+        return self.sampler.batch(m)
+
+
+def test_the_driver_gathers_micro_batches_on_one_torch_thread_and_restores_its_count(ray_local: str,
+                                                                                    data: str) -> None:
+    # More threads leave OpenMP workers spinning in the driver after each gather, on the stages' cores.
+    cfg = tiny_config(data, steps=3)
+    spec, sampler = setup(cfg)
+    source = ThreadsSeen(sampler)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with StageActors(cfg, spec) as actors:
+            RayPipeline(actors).train(source, 0, cfg.steps, Recorder())
+        assert source.threads == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_ctrl_c_tears_down_and_re_raises(ray_local: str, data: str, tmp_path: Path) -> None:

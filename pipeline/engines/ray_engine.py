@@ -20,10 +20,13 @@ to the seam in pipeline/engines/transport.py, whose other transports keep the sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import ray
+import torch
 
 from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
 from pipeline.config import TrainConfig
@@ -68,6 +71,20 @@ def run_ray(cfg: TrainConfig, spec: LearnerSpec, source: Source, on_step: OnStep
         return EngineResult(pipe.states(), stopped, pipe.recovery.count if pipe.recovery else 0)
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The driver's own torch work while it drives (a source gathering micro-batch m) on one thread. With
+    more, OpenMP's workers spin after every parallel op, waiting for the next: ~10 ms of a core per
+    micro-batch taken from the stages on the bench's network, for a gather that takes 0.2 ms (PERFLOG,
+    2026-11-30 M6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class RayPipeline:
     """The driver loop over placed stage actors: micro-batches in, reports out, barriers, recovery."""
 
@@ -104,16 +121,17 @@ class RayPipeline:
         (None: it finished). With a store, lost stages are recovered ([Note: recovery])."""
         reports = Reports(len(self.actors), on_step, start)
         segment = start
-        while True:
-            schedule = make_schedule(self.cfg, len(self.actors), self.cfg.queue_depth, segment, stop, self.store)
-            try:
-                self._drive(schedule, source, reports)
-                return schedule.stopped_at
-            except StageLost as e:
-                if self.recovery is None:
-                    raise
-                reports.restart()
-                segment = self.recovery.recover(e, reports.seen)
+        with one_torch_thread():
+            while True:
+                schedule = make_schedule(self.cfg, len(self.actors), self.cfg.queue_depth, segment, stop, self.store)
+                try:
+                    self._drive(schedule, source, reports)
+                    return schedule.stopped_at
+                except StageLost as e:
+                    if self.recovery is None:
+                        raise
+                    reports.restart()
+                    segment = self.recovery.recover(e, reports.seen)
 
     def _drive(self, schedule: Schedule, source: Source, reports: Reports) -> None:
         transport, n = self.actors.transport, len(self.actors)
