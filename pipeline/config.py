@@ -104,7 +104,7 @@ class TrainConfig:
     transport: str = flag("object-store", "how activations travel between stages: object-store (a Ray call "
                           "per step, output references chained), direct (Ray Direct Transport: tensors sent stage to stage over a "
                           "collective group, gloo on the cpu, NCCL between GPUs), compiled-graph (a Ray Compiled Graph: "
-                          "shared-memory channels, no call per step), shm (lamina's shared-memory channels between the stages of "
+                          "shared-memory channels, NCCL between GPUs, no call per step), shm (lamina's shared-memory channels between the stages of "
                           "one node: outputs made in the next stage's slot, no copy and no call per step) or auto (the one measured best for the "
                           "stages' device)", choices=TRANSPORTS, section="ray")
     replicas: str = flag("1", "data-parallel replicas per stage, each on its own device (CPU bundle or GPU), "

@@ -195,14 +195,16 @@ class Stage:
         return y, report
 
     def hop(self, msg: Hop, emit: bool = True,
-            into: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> tuple[Hop, HopResult]:
+            into: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+            as_tensor: bool = False) -> tuple[Hop, HopResult]:
         """Step on `msg` (when it carries a step), then write the barrier snapshot it asks for; returns the
-        message for the stage above and the result for the driver. A store that refuses the snapshot is
-        reported in the result, not raised: the run decides ([Note: barrier checkpoints])."""
+        message for the stage above (its output as `step` makes it) and the result for the driver. A store
+        that refuses the snapshot is reported in the result, not raised: the run decides ([Note: barrier
+        checkpoints])."""
         y, report = None, None
         if msg.step:
             assert msg.x is not None, msg  # the driver and the stage below always send an input with a step
-            y, report = self.step(msg.m, msg.x, emit, into=into)
+            y, report = self.step(msg.m, msg.x, emit, as_tensor, into)
         part: Part | CheckpointError | None = None
         if msg.store is not None:
             try:

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import ray
+import torch
 from support import (
     NaNAt,
     Recorder,
     count_tensors,
+    flatten,
     piped_and_sequential,
     run_actors,
     sequential,
@@ -99,6 +101,27 @@ def test_every_transport_equals_the_sequential_loop_bit_for_bit(ray_local: str, 
     assert state_differences(piped, ref) == []
     assert piped_calls.steps == list(range(resume_at, cfg.steps))
     assert piped_calls.layers() == ref_calls.layers()[resume_at:]
+
+
+@pytest.mark.gpu
+def test_a_compiled_graph_between_gpus_hands_tensors_on_and_matches_the_host_path(ray_local: str, data: str) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices: NCCL refuses two ranks on one device")
+    cfg = tiny_config(data, steps=6, layers_per_stage=2, gpus_per_stage=1.0, transport=CG)  # stages 0-1 | 2
+    spec, sampler = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        assert actors.transport.on_device  # type: ignore[attr-defined]
+        pipe = RayPipeline(actors)
+        pipe.train(sampler, 0, cfg.steps, Recorder())
+        on_device = pipe.states()
+    # The same GPUs, each output through host memory and the object store: the same values to float tolerance
+    # (GPU kernels need not repeat their reduction order bit for bit).
+    host = run_ray(dataclasses.replace(cfg, transport="object-store"), spec, sampler, Recorder()).states
+    a, b = dict(flatten(on_device)), dict(flatten(host))
+    assert a.keys() == b.keys() and count_tensors(on_device) > 3 * cfg.n_layers
+    for path, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.allclose(value, b[path], rtol=1e-4, atol=1e-6), path
 
 
 def small(data: str, tmp_path: Path, **overrides: Any) -> TrainConfig:

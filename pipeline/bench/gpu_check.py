@@ -13,11 +13,13 @@
        against 1 / max(stage step in isolation), as in pipeline/bench/suite.py [Note: efficiency], for
        each --transport (object-store, compiled-graph, shm) and, at S = 2, --balance auto.
        The compiled-graph and shm transports carry the stages' host (numpy) outputs through shared memory
-       here too (shm: device -> the slot in host memory -> device): the compiled graph's NCCL path (device tensors between GPUs) is not built yet, so this measures its control
-       path on a GPU machine, not device-to-device transfer.
+       here (shm: device -> the slot in host memory -> device; a compiled graph's NCCL channels need a
+       device per stage), so this measures their control path on a GPU machine, not device-to-device transfer.
     4. where the machine has 2 or more GPUs, S = 2 stages on a GPU each with --transport object-store (device
        -> host -> object store -> host -> device) and shm (device -> host -> shared memory -> host -> device)
-       against --transport direct (Ray Direct Transport over NCCL, device to device; NCCL refuses two ranks on one device, so it is not in 3);
+       against the two that stay on the devices: --transport direct (Ray Direct Transport over NCCL) and
+       compiled-graph (the graph's accelerator channels, NCCL; [Note: compiled graph on GPUs]). NCCL refuses
+       two ranks on one device, so neither is in 3;
     5. replicas, where the machine has 2 or more GPUs: the whole network as one stage of R = 1 and R = the
        GPU count replicas, one GPU each (NCCL all-gather and all-reduce between them; NCCL refuses two ranks
        on one device, so a one-GPU machine skips this and says so).
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count()
     if gpus >= 2:
         lines += ["", "| S = 2, a GPU each: --transport | mb/s |", "|---|---|"]
-        for transport in ("object-store", "direct", "shm"):
+        for transport in ("object-store", "direct", "compiled-graph", "shm"):
             rates[f"S=2 own GPUs {transport}"] = pipeline_rate(2, args.clips, args.steps, 5, transport, own_gpus=True)
             lines.append(f"| {transport} | {rates[f'S=2 own GPUs {transport}']:.2f} |")
         lines += ["", "| replicas (1 stage, a GPU each) | mb/s | vs R = 1, per replica |", "|---|---|---|"]
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             rates[f"R={r}"] = pipeline_rate(1, args.clips, args.steps, 5, replicas=r)
             lines.append(f"| {r} | {rates[f'R={r}']:.2f} | {rates[f'R={r}'] / (r * rates['R=1']):.2f} |")
     else:
-        lines.append("\ndirect transport and replicas: skipped (one GPU: NCCL needs a device per rank)")
+        lines.append("\ndirect transport, compiled graph over NCCL and replicas: skipped (one GPU: NCCL needs a device "
+                     "per rank)")
     lines.append(f"\ntook {time.perf_counter() - t0:.0f} s")
     print("\n".join(lines))
     if args.json:

@@ -190,12 +190,13 @@ class _StageActor(Stage):
 
     # A compiled graph (pipeline/engines/compiled_graph.py) runs these in a thread of its own. OpenMP's thread
     # count is per thread, so the budget is set again there: the same count is what keeps the kernels'
-    # reduction order, and so transparency, bit for bit.
+    # reduction order, and so transparency, bit for bit. `on_device`: the graph carries the output to the
+    # stage above as a tensor on this stage's GPU (over NCCL), not as a numpy array in host memory.
 
     @ray.method(num_returns=2)
-    def relay(self, msg: Hop) -> tuple[Hop, HopResult]:
+    def relay(self, msg: Hop, on_device: bool = False) -> tuple[Hop, HopResult]:
         torch.set_num_threads(self.threads)
-        return super().hop(msg, emit=True)
+        return super().hop(msg, emit=True, as_tensor=on_device)
 
     def relay_top(self, msg: Hop) -> HopResult:
         """The top stage: its output goes nowhere, so it is not made."""

@@ -39,6 +39,11 @@ class CompiledGraphTransport(InBandTransport):
         self._snaps: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's snapshot-only message
         self.compiles = 0  # graphs compiled so far: one, plus one per recovery
         self._cap = 0  # executions in flight at most (set when compiled)
+        # [Note: compiled graph on GPUs] Stages that each own a GPU hand their outputs on device to device:
+        # Ray's accelerator channels (NCCL) between the stage actors, set up when the graph is compiled and
+        # again with every recompile after a loss. Stages sharing one GPU (a fraction each: NCCL refuses two
+        # ranks on one device) and cpu stages use shared-memory channels, the output as numpy in host memory.
+        self.on_device = actors.gpus >= 1 and len(actors) > 1
 
     def _opened(self) -> bool:
         return self._graph is not None
@@ -52,7 +57,9 @@ class CompiledGraphTransport(InBandTransport):
             node: Any = msg
             for k, h in enumerate(handles):
                 if k + 1 < n:
-                    node, out = h.relay.bind(node)
+                    node, out = h.relay.bind(node, self.on_device)
+                    if self.on_device:  # the output, a tensor on stage k's GPU, goes to stage k + 1's over NCCL
+                        node = node.with_tensor_transport("accelerator")
                 else:
                     out = h.relay_top.bind(node)
                 outs.append(out)

@@ -15,8 +15,9 @@ writes a barrier snapshot right behind the step it belongs to.
                      report go through the object store, the report in a second call behind the step.
     compiled-graph   a Ray Compiled Graph over the stage actors, compiled once: the driver writes micro-batch
                      m into the graph's input channel, each stage reads the one below's output from a
-                     shared-memory channel and writes its own for the stage above (on GPUs Ray can carry
-                     torch tensors over NCCL instead: not measured here). No per-call RPC, no object store.
+                     shared-memory channel and writes its own for the stage above (stages that each own a
+                     GPU: a torch tensor over NCCL instead, device to device). No per-call RPC, no object
+                     store.
                      In pipeline/engines/compiled_graph.py, with how barriers and recovery work in a graph.
     shm              lamina's own shared-memory channels between the stages of one node: each stage runs a
                      loop that reads its input as a view of a shared-memory slot, steps, and makes its output
