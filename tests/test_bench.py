@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,6 +64,47 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert (tmp_path / "bench.md").read_text().strip() == table.strip()
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "pipeline efficiency" in table and "| 1 MB |" in table
+
+
+def _measured(hop_x: float = 1.6, **head: Any) -> dict[str, Any]:
+    """A bench result with only what the targets read: by default the committed quick run's figures."""
+    h = {"stages": 2, "efficiency": 0.94, "bottleneck_busy_fraction": 1.0, "compute_slowdown": 1.06,
+         "corun_slowdown": 1.07, "cpu_efficiency": 1.0, "cores": {"driver": 0.02, "ray": 0.08, "other": 0.01},
+         "t_iso_s": [0.070, 0.042], "baselines": {"sequential 1t": 8.54, "sequential 2t": 10.17},
+         "vs_sequential": {"sequential 1t": 1.62, "sequential 2t": 1.36}, **head}
+    hop = {"nbytes": MB, "ms": {"shm": 0.10, "shm-in-place": 0.03 * hop_x, "wake": 0.02, "memcpy": 0.03},
+           "vs_memcpy": {"shm": 3.5, "shm-in-place": hop_x, "wake": 0.6, "memcpy": 1.0}}
+    return {"headline": h, "hops": [hop], "config": {"cores": 2}}
+
+
+def _shortfalls(res: dict[str, Any]) -> dict[str, str]:
+    return {target: why for target, _, met, why in report.targets(res) if not met}
+
+
+def test_each_missed_target_names_where_its_shortfall_comes_from() -> None:
+    # The committed run: only efficiency missed, and all of it is the machine's co-run.
+    assert _shortfalls(_measured()) == {"pipeline efficiency >= 0.95": "machine: the stages at once, no transport, "
+                                        "no driver, step 1.07x slower than alone"}
+    met = _measured(efficiency=0.96, compute_slowdown=1.0, corun_slowdown=1.0)
+    assert _shortfalls(met) == {} and len(report.targets(met)) == 4
+    # The bottleneck waiting is the pipeline's own loss (transport or driver).
+    waits = _shortfalls(_measured(efficiency=0.9, bottleneck_busy_fraction=0.9, compute_slowdown=1.0, corun_slowdown=1.0))
+    assert waits["pipeline efficiency >= 0.95"] == "transport or driver: the slowest stage waited 10% of the time"
+    # A slowdown beyond the co-run: the stage's process working harder, or the stage waiting for a core.
+    slow = _shortfalls(_measured(efficiency=0.75, compute_slowdown=1.3, corun_slowdown=1.0, cpu_efficiency=0.8))
+    assert "the slowest stage's process: 1.25x its CPU per step alone (1.30x beyond the co-run)" in slow[
+        "pipeline efficiency >= 0.95"]
+    queued = _shortfalls(_measured(efficiency=0.8, compute_slowdown=1.2, corun_slowdown=1.0))
+    assert queued["pipeline efficiency >= 0.95"].startswith("waiting for a core: 1.20x beyond the co-run (driver 0.02")
+    # Slower than a loop: imbalance when even a perfect pipeline of this split could not beat it.
+    lopsided = _shortfalls(_measured(t_iso_s=[0.12, 0.02], vs_sequential={"sequential 1t": 1.1, "sequential 2t": 0.8}))
+    assert lopsided["S = 2 faster than the sequential 2t loop"] == ("imbalance: at efficiency 1 the slowest stage "
+                                                                    "(120 ms) gives 0.82x")
+    behind = _shortfalls(_measured(vs_sequential={"sequential 1t": 1.1, "sequential 2t": 0.95}))
+    assert behind["S = 2 faster than the sequential 2t loop"] == "the efficiency above: at efficiency 1 this split gives 1.40x"
+    # A hop over 2 memcpys: the fixed cost per message beyond the copy.
+    hop = _shortfalls(_measured(hop_x=2.3))["best transport per hop at 1 MB <= 2x memcpy"]
+    assert hop == "transport: 0.039 ms per message beyond the copy; the FIFO wake-up alone 0.020 ms"
 
 
 def test_bench_config_rejects_uneven_splits() -> None:

@@ -14,6 +14,59 @@ def _size(nbytes: int) -> str:
     return f"{nbytes // MB} MB" if nbytes >= MB else f"{nbytes // KB} KB"
 
 
+EFFICIENCY_TARGET = 0.95  # issue 16's targets, judged on `lamina bench --quick`
+HOP_TARGET = 2.0  # the best transport's hop at 1 MB, in memcpys
+NOISE = 1.02  # a factor within 2 % of 1 is not named as a cause
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
+    """Each target as (target, measured, met, where the shortfall is: empty when met)."""
+    h = res["headline"]
+    rows = []
+    eff = h["efficiency"]
+    rows.append((f"pipeline efficiency >= {EFFICIENCY_TARGET}", f"{eff:.2f}", eff >= EFFICIENCY_TARGET,
+                 "" if eff >= EFFICIENCY_TARGET else _efficiency_shortfall(h)))
+    hop = next((x for x in res.get("hops", []) if x["nbytes"] == MB), None)
+    if hop is not None:
+        vs = {t: v for t, v in hop["vs_memcpy"].items() if t not in ("wake", "memcpy", "memcpy-new")}
+        best = min(vs, key=vs.__getitem__)
+        met = vs[best] <= HOP_TARGET
+        wake = f"; the FIFO wake-up alone {hop['ms']['wake']:.3f} ms" if "wake" in hop["ms"] else ""
+        rows.append((f"best transport per hop at 1 MB <= {HOP_TARGET:g}x memcpy", f"{best}: {vs[best]:.1f}x", met,
+                     "" if met else f"transport: {hop['ms'][best] - hop['ms']['memcpy']:.3f} ms per message beyond "
+                                    f"the copy{wake}"))
+    slowest = max(h["t_iso_s"])
+    for loop, speedup in h["vs_sequential"].items():
+        ideal = 1 / slowest / h["baselines"][loop]  # the speed-up at efficiency 1
+        met = speedup > 1
+        why = (f"imbalance: at efficiency 1 the slowest stage ({slowest * 1e3:.0f} ms) gives {ideal:.2f}x"
+               if ideal <= 1 else f"the efficiency above: at efficiency 1 this split gives {ideal:.2f}x")
+        rows.append((f"S = {h['stages']} faster than the {loop} loop", f"{speedup:.2f}x", met, "" if met else why))
+    return rows
+
+
+def _efficiency_shortfall(h: dict[str, Any]) -> str:
+    """Where the efficiency went, from its factors ([Note: efficiency] in suite.py): the bottleneck stage
+    waiting (transport or driver), the machine running stages at once (the co-run), and what the pipeline's
+    slowdown has beyond the co-run (the stage's process itself, or waiting for a core)."""
+    parts = []
+    busy, slowdown, corun = h["bottleneck_busy_fraction"], h["compute_slowdown"], h["corun_slowdown"]
+    if busy * NOISE < 1:
+        parts.append(f"transport or driver: the slowest stage waited {1 - busy:.0%} of the time")
+    if corun > NOISE:
+        parts.append(f"machine: the stages at once, no transport, no driver, step {corun:.2f}x slower than alone")
+    rest = slowdown / max(corun, 1.0)
+    if rest > NOISE:
+        if h["cpu_efficiency"] * NOISE < 1:
+            parts.append(f"the slowest stage's process: {1 / h['cpu_efficiency']:.2f}x its CPU per step alone "
+                         f"({rest:.2f}x beyond the co-run)")
+        else:
+            c = h["cores"]
+            parts.append(f"waiting for a core: {rest:.2f}x beyond the co-run (driver {c['driver']:.2f}, Ray "
+                         f"{c['ray']:.2f}, other processes {c['other']:.2f} cores)")
+    return "; ".join(parts) or "no factor beyond 2 %: together"
+
+
 def format_tables(res: dict[str, Any]) -> str:
     h, cores = res["headline"], res["config"]["cores"]
     b = h["baselines"]
@@ -35,6 +88,9 @@ def format_tables(res: dict[str, Any]) -> str:
     c = h["cores"]
     lines.append(f"| cores busy during the pipeline: stages / driver / Ray / other / machine | "
                  f"{c['stages']:.2f} / {c['driver']:.2f} / {c['ray']:.2f} / {c['other']:.2f} / {c['machine']:.2f} | |")
+    lines += ["", "## Targets, and where a miss comes from", "", "| target | measured | verdict | where the shortfall is |",
+              "|---|---|---|---|"]
+    lines += [f"| {t} | {m} | {'met' if ok else '**missed**'} | {why} |" for t, m, ok, why in targets(res)]
     if res.get("by_transport"):
         from pipeline.engines.transport import AUTO
 
