@@ -36,9 +36,10 @@ from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
 from pipeline.engines import shm, transport
+from pipeline.engines.actors import TransferLost, get
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline, run_ray
-from pipeline.errors import ConfigError, StageError
+from pipeline.errors import ConfigError, StageError, StageLost
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -160,7 +161,10 @@ def test_a_lost_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, 
         compiles = getattr(actors.transport, "compiles", None)
         opens = getattr(actors.transport, "opens", None)
         replaced = [a is not b for a, b in zip(first, actors.handles, strict=True)]
-    assert pipe.recovery is not None and pipe.recovery.count == 1
+    assert pipe.recovery is not None
+    # Direct Transport: under load a transfer of Ray's can fail on its own (test below); each such failure is
+    # one more recovery, with the same guarantees. The others recover once.
+    assert pipe.recovery.count == 1 or (kind == DIRECT and pipe.recovery.count > 1), pipe.recovery.count
     if kind == CG:
         assert compiles == 2 and replaced[1]  # torn down, the dead stage replaced, the graph compiled again
     elif kind == SHM:
@@ -173,6 +177,17 @@ def test_a_lost_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, 
     final = store.load_latest()
     assert final is not None and final.step == cfg.steps and all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
     assert run_actors(pipe.actors.run_id) == []
+
+
+def test_an_input_that_never_arrived_is_a_lost_stage_not_a_stage_error(ray_local: str) -> None:
+    # Ray gives up on a Direct Transport transfer after 60 s; the stage's call then never ran, and its report
+    # says so. The driver recovers it like a lost stage instead of stopping the run.
+    @ray.remote
+    def report_of_a_step_that_never_ran() -> None:
+        raise TransferLost("stage1: the input of micro-batch 6 never arrived from the stage below")
+
+    with pytest.raises(StageLost, match="never arrived"):
+        get(report_of_a_step_that_never_ran.remote(), 1, 6, "stage1")
 
 
 @pytest.mark.parametrize("kind", ["object-store", CG, DIRECT, SHM])

@@ -48,6 +48,12 @@ class Replicas:
     timeout_s: float  # how long a replica waits for the others in a collective (workers/replicas.py)
 
 
+class TransferLost(RuntimeError):
+    """A stage's input never reached it: Ray Direct Transport's transfer from the stage below failed (Ray
+    gives up on one after 60 s, and on this project's 2-core machine one sometimes never completes under
+    load). The stage's state is intact but the pipeline's order is broken: recovered as a lost stage."""
+
+
 class _StageActor(Stage):
     """A stage in a Ray actor. With `replicas`, it is replica 0 of its stage and drives the others
     ([Note: replica groups])."""
@@ -117,6 +123,8 @@ class _StageActor(Stage):
     def take_report(self, m: int) -> StepReport:
         """The report of step_direct(m), queued right behind it; its failure, if it failed."""
         got, self._direct = self._direct, None
+        if got is None:  # step_direct(m) never ran: Ray could not resolve its input, the stage below's tensor
+            raise TransferLost(f"{self.name}: the input of micro-batch {m} never arrived from the stage below")
         if isinstance(got, BaseException):
             raise got
         assert isinstance(got, StepReport) and got.micro_batch == m, (got, m)
@@ -295,6 +303,7 @@ def get(ref: Any, stage: int, micro_batch: int | None, actor: str, fetch: Any = 
       another of lamina's errors raised in the stage (a checkpoint it refused)  that error
       any other exception raised by the stage's own code                        StageError (not retried)
       a replica of the stage gone (ReplicaLost)                                 StageLost (recoverable)
+      its input's Direct Transport transfer failed (TransferLost)               StageLost (recoverable)
       anything else: the actor, or the one that produced its input, is gone     StageLost (recoverable)
     `fetch`: how to get it (a compiled graph's result: without Ray's default timeout).
     """
@@ -302,7 +311,7 @@ def get(ref: Any, stage: int, micro_batch: int | None, actor: str, fetch: Any = 
         return fetch(ref)
     except RayError as e:
         cause = getattr(e, "cause", None)
-        if isinstance(cause, ReplicaLost):  # one of the stage's replicas is gone: recoverable, as the stage's own loss
+        if isinstance(cause, ReplicaLost | TransferLost):  # recoverable, as the stage's own loss
             raise StageLost(stage, micro_batch, cause, actor) from e
         if isinstance(cause, StageError):
             raise StageError(cause.stage, cause.micro_batch, cause.cause, cause.actor) from e
