@@ -190,6 +190,18 @@ def test_an_input_that_never_arrived_is_a_lost_stage_not_a_stage_error(ray_local
         get(report_of_a_step_that_never_ran.remote(), 1, 6, "stage1")
 
 
+def test_a_stage_ray_dropped_from_the_direct_group_is_a_lost_stage(ray_local: str, data: str) -> None:
+    # Ray removes both ends of a failed transfer from the group; a step submitted to one of them after that
+    # is refused at the call. The driver takes it as the stage lost (and recovers), not as a crash.
+    cfg = tiny_config(data, transport=DIRECT)
+    spec, sampler = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        actors.transport.begin(None)
+        actors.transport._destroy()  # type: ignore[attr-defined]  # the group gone, as after a failed transfer
+        with pytest.raises(StageLost, match="stage 0"):
+            actors.transport.step(0, 0, sampler.batch(0).frames.numpy())
+
+
 @pytest.mark.parametrize("kind", ["object-store", CG, DIRECT, SHM])
 def test_a_stage_error_stops_the_run_once_and_is_not_retried(ray_local: str, data8: str, tmp_path: Path,
                                                             kind: str) -> None:

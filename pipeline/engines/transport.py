@@ -36,7 +36,7 @@ from pipeline.checkpoints import CheckpointStore, Part
 from pipeline.engines.actors import get
 from pipeline.engines.compiled_graph import CompiledGraphTransport
 from pipeline.engines.shm import ShmTransport
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, StageLost
 from pipeline.stage import StepReport
 
 if TYPE_CHECKING:
@@ -183,7 +183,10 @@ class DirectTransport(ObjectStoreTransport):
         h = self.actors.handles[k]
         x = frames if k == 0 else self._outputs.pop((k - 1, m))
         if k + 1 < len(self.actors):
-            self._outputs[(k, m)] = h.step_direct.options(tensor_transport=self._backend()[1]).remote(m, x)
+            try:
+                self._outputs[(k, m)] = h.step_direct.options(tensor_transport=self._backend()[1]).remote(m, x)
+            except ValueError as e:  # Ray dropped the actor from the group: it kills both ends of a failed transfer
+                raise StageLost(k, m, e, self.actors.names[k]) from e
             self._pending[(k, m)] = h.take_report.remote(m)
         else:
             _, self._pending[(k, m)] = h.step.options(num_returns=2).remote(m, x, False)
