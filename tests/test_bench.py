@@ -94,6 +94,13 @@ def test_each_missed_target_names_where_its_shortfall_comes_from() -> None:
     slow = _shortfalls(_measured(efficiency=0.75, compute_slowdown=1.3, corun_slowdown=1.0, cpu_efficiency=0.8))
     assert "the slowest stage's process: 1.25x its CPU per step alone (1.30x beyond the co-run)" in slow[
         "pipeline efficiency >= 0.95"]
+    # ... told apart by thread: the step's own thread slower, or other threads of the process taking CPU.
+    step = _shortfalls(_measured(efficiency=0.75, compute_slowdown=1.3, corun_slowdown=1.0, cpu_efficiency=0.8,
+                                 step_cpu_efficiency=0.8, other_threads_cpu_per_mb_s=0.001))
+    assert step["pipeline efficiency >= 0.95"].endswith("beyond the co-run): the step's thread 1.25x")
+    spun = _shortfalls(_measured(efficiency=0.75, compute_slowdown=1.3, corun_slowdown=1.0, cpu_efficiency=0.8,
+                                 step_cpu_efficiency=1.0, other_threads_cpu_per_mb_s=0.0175))
+    assert spun["pipeline efficiency >= 0.95"].endswith(": other threads 17.5 ms per micro-batch, the step's thread 1.00x")
     queued = _shortfalls(_measured(efficiency=0.8, compute_slowdown=1.2, corun_slowdown=1.0))
     assert queued["pipeline efficiency >= 0.95"].startswith("waiting for a core: 1.20x beyond the co-run (driver 0.02")
     # Slower than a loop: imbalance when even a perfect pipeline of this split could not beat it.

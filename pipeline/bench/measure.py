@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from pipeline.allocator import keep_freed_memory
+from pipeline.allocator import WORKER_ENV, keep_freed_memory
 
 if TYPE_CHECKING:
     from pipeline.bench.suite import BenchConfig
@@ -114,8 +114,8 @@ def actor(cls: type) -> Any:
     # the logical CPUs the stage bundles need. OMP_WAIT_POLICY=PASSIVE: with libgomp's default (spin, then
     # sleep) a multi-threaded baseline loses up to 10x whenever another process holds one of its cores
     # ([Note: spinning] in PERFLOG.md); passive is the baseline at its best. One-thread stages never wait
-    # in an OpenMP barrier, so it does not change them.
-    return ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})(cls).remote
+    # in an OpenMP barrier, so it does not change them. The allocator's environment: as the stages run.
+    return ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **WORKER_ENV}})(cls).remote
 
 
 # -- the pipeline, with where its time and the machine's CPU went ------------------------------------
@@ -153,6 +153,16 @@ class CpuMeter:
         self.t0 = time.perf_counter()
         self.snap0, self.machine0 = self._snapshot()
 
+    @staticmethod
+    def threads_of(pid: int) -> dict[int, float]:
+        """CPU seconds of each thread of a process so far (empty for one that is gone)."""
+        import psutil
+
+        try:
+            return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+        except psutil.Error:
+            return {}
+
     def cpu_of(self, pids: Sequence[int]) -> list[float]:
         """CPU seconds each of these processes used since start (NaN for one that is gone)."""
         snap, _ = self._snapshot()
@@ -187,6 +197,8 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     meter = CpuMeter()
     cores: dict[str, float] = {}
     stage_cpu: list[float] = []
+    threads0: list[dict[int, float]] = []
+    step_cpu: list[float] = []  # each stage's busiest thread: the one that steps
     pids = [int(i["pid"]) for i in pipe.actors.info]  # Stage.info(), bottom to top
     first, stop = start + warmup, start + warmup + steps + 1
 
@@ -194,8 +206,12 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
         ends[m] = time.perf_counter()
         if m == first:
             meter.start(pids)
+            threads0.extend(meter.threads_of(p) for p in pids)
         if m == stop - 1:
             stage_cpu.extend(meter.cpu_of(pids))
+            for p, t0 in zip(pids, threads0, strict=True):
+                t1 = meter.threads_of(p)
+                step_cpu.append(max((c - t0.get(t, 0.0) for t, c in t1.items()), default=float("nan")))
             cores.update(meter.cores())
         if m > first:
             for r in reports:  # one StepReport per stage
@@ -205,6 +221,8 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     rate = steps / (ends[stop - 1] - ends[first])
     busy_s = [statistics.mean(busy[k]) for k in sorted(busy)]
     # CPU seconds per micro-batch of each stage process: its step and everything Ray does in it (argument
-    # resolution, serialising the output into the object store, the call's RPCs), whoever else runs.
+    # resolution, serialising the output into the object store, the call's RPCs), whoever else runs; and
+    # of the process's busiest thread alone (the step's), so that a slower step tells itself apart from
+    # other threads of the process taking CPU.
     return {"rate": rate, "busy_s": busy_s, "busy_fraction": [rate * b for b in busy_s], "cores": cores,
-            "cpu_per_mb_s": [c / steps for c in stage_cpu]}
+            "cpu_per_mb_s": [c / steps for c in stage_cpu], "step_cpu_per_mb_s": [c / steps for c in step_cpu]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,22 @@ def _efficiency_shortfall(h: dict[str, Any]) -> str:
     if rest > NOISE:
         if h["cpu_efficiency"] * NOISE < 1:
             parts.append(f"the slowest stage's process: {1 / h['cpu_efficiency']:.2f}x its CPU per step alone "
-                         f"({rest:.2f}x beyond the co-run)")
+                         f"({rest:.2f}x beyond the co-run){_whose_cpu(h)}")
         else:
             c = h["cores"]
             parts.append(f"waiting for a core: {rest:.2f}x beyond the co-run (driver {c['driver']:.2f}, Ray "
                          f"{c['ray']:.2f}, other processes {c['other']:.2f} cores)")
     return "; ".join(parts) or "no factor beyond 2 %: together"
+
+
+def _whose_cpu(h: dict[str, Any]) -> str:
+    """Which threads of the process the extra CPU went to: the step's own (a slower step), or the others."""
+    step = h.get("step_cpu_efficiency", float("nan"))
+    if math.isnan(step):  # a result from before threads were told apart, or none measured
+        return ""
+    if step * NOISE < 1:
+        return f": the step's thread {1 / step:.2f}x"
+    return f": other threads {h['other_threads_cpu_per_mb_s'] * 1e3:.1f} ms per micro-batch, the step's thread {1 / step:.2f}x"
 
 
 def format_tables(res: dict[str, Any]) -> str:
@@ -81,6 +92,9 @@ def format_tables(res: dict[str, Any]) -> str:
              f"| co-run slowdown (stages at once, no transport) | {h['corun_slowdown']:.2f} | |",
              f"| efficiency against the cores other processes left free | {h['efficiency_vs_free_cores']:.2f} | |",
              f"| CPU efficiency: slowest stage's CPU per step alone / in the pipeline | {h['cpu_efficiency']:.2f} | |"]
+    if "step_cpu_efficiency" in h:
+        lines.append(f"| of it the step's thread alone / other threads (ms per micro-batch) | "
+                     f"{h['step_cpu_efficiency']:.2f} / {h['other_threads_cpu_per_mb_s'] * 1e3:.1f} | |")
     for k, v in h["vs_sequential"].items():
         lines.append(f"| speed-up vs {k} ({b[k]:.2f} mb/s) | {v:.2f}x | |")
     for k, v in h["vs_e2e"].items():
