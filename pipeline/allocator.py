@@ -7,6 +7,14 @@ and the heap's top is trimmed, so every step took its activations' pages from th
 `keep_freed_memory` raises both thresholds, so freed blocks stay in the process's heap and the next step
 reuses them. The cost is that a process keeps the memory of its largest step between steps, which a stage
 needs again on its next step anyway. Where the C library is not glibc, nothing changes.
+
+The thresholds cover one arena: the main one, where the main thread allocates. A thread of its own (the
+shm loop's concurrency group, a compiled graph's execution loop) allocates from one of glibc's per-thread
+arenas, made of 64 MB heaps, and glibc unmaps such a heap as soon as all of it is free, whatever the trim
+threshold. Whether a step's tensors leave a heap entirely free at its end depends on where they fell, so
+in some runs the step took its activations' pages from the kernel again every time: 10 000-18 000 page
+faults and 1.3-1.5x its time, for the whole run (PERFLOG, 2026-12-01 M12). `WORKER_ENV` gives a stage's
+process one arena from its start, so every thread's allocations follow the thresholds above.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 MMAP_THRESHOLD = 128 << 20  # blocks up to this size come from the heap, not from mmap
 TRIM_THRESHOLD = 1 << 30  # the heap's free top is returned to the kernel only beyond this
+# The environment of a process that steps layers (a Ray actor's runtime_env env_vars): read by glibc at
+# the process's start, ignored by other C libraries.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 @functools.cache  # once per process

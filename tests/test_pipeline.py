@@ -34,9 +34,11 @@ from support import (
 )
 
 from pipeline import cli
+from pipeline.allocator import WORKER_ENV
 from pipeline.bench import transport as transport_bench
 from pipeline.config import TrainConfig
 from pipeline.engines import placement
+from pipeline.engines.actors import NAMESPACE
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline, run_ray
 from pipeline.errors import PlacementError, StageError
@@ -192,6 +194,20 @@ def test_the_driver_gathers_micro_batches_on_one_torch_thread_and_restores_its_c
         assert source.threads == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("transport", ["object-store", "shm"])
+def test_every_stage_process_starts_with_the_allocators_environment(ray_local: str, data: str, transport: str) -> None:
+    # Read by the C library at the process's start (pipeline/allocator.py), so it has to come with the actor.
+    cfg = tiny_config(data, transport=transport, replicas="1,2,1")
+    spec, _ = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        pids = [int(i["pid"]) for i in actors.info]
+        follower = ray.get_actor(f"{actors.names[1]}-replica1", namespace=NAMESPACE)
+        pids.append(int(ray.get(follower.info.remote())["pid"]))
+        for pid in pids:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert all(f"{k}={v}".encode() in environ for k, v in WORKER_ENV.items()), pid
 
 
 def test_ctrl_c_tears_down_and_re_raises(ray_local: str, data: str, tmp_path: Path) -> None:

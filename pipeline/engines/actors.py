@@ -21,6 +21,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipeline.allocator import WORKER_ENV
 from pipeline.checkpoints import CheckpointStore
 from pipeline.engines import channel
 from pipeline.errors import LaminaError, StageError, StageLost
@@ -154,7 +155,7 @@ class _StageActor(Stage):
         assert self.replicas is not None
         self._spawned += 1
         spec, first, last, index, run_id = self._args
-        return ray.remote(_StageActor).options(
+        return stage_actor_class().options(
             name=f"{self.name}-replica{r}" + (f"-{self._spawned}" if self._spawned > r else ""), namespace=NAMESPACE,
             num_cpus=self.replicas.cpus, num_gpus=self.replicas.gpus, max_restarts=0, max_task_retries=0,
             max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -288,12 +289,14 @@ def _portable(e: Exception, stage: int, m: int, actor: str) -> BaseException:
 def stage_actor_class(transport: str = "object-store") -> Any:
     """`Stage` as a Ray actor class for `transport`; the caller adds placement, name and resources as
     options. Direct Transport: its calls can return tensors over a collective group (a background thread per
-    actor receives them). shm: its loop runs in a concurrency group of its own."""
+    actor receives them). shm: its loop runs in a concurrency group of its own. Every stage's process starts
+    with the allocator's environment (`WORKER_ENV`, pipeline/allocator.py): steps outside the main thread."""
+    env = {"env_vars": WORKER_ENV}
     if transport == "direct":
-        return ray.remote(enable_tensor_transport=True)(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
+        return ray.remote(enable_tensor_transport=True, runtime_env=env)(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
     if transport == "shm":
-        return ray.remote(concurrency_groups={SHM_GROUP: 1})(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
-    return ray.remote(_StageActor)
+        return ray.remote(concurrency_groups={SHM_GROUP: 1}, runtime_env=env)(_StageActor)  # type: ignore[call-overload]  # (stubs lack it)
+    return ray.remote(runtime_env=env)(_StageActor)
 
 
 def get(ref: Any, stage: int, micro_batch: int | None, actor: str, fetch: Any = ray.get) -> Any:
