@@ -13,7 +13,7 @@ shm loop's concurrency group, a compiled graph's execution loop) allocates from 
 arenas, made of 64 MB heaps, and glibc unmaps such a heap as soon as all of it is free, whatever the trim
 threshold. Whether a step's tensors leave a heap entirely free at its end depends on where they fell, so
 in some runs the step took its activations' pages from the kernel again every time: 10 000-18 000 page
-faults and 1.3-1.5x its time, for the whole run (PERFLOG, 2026-12-01 M12). `WORKER_ENV` gives a stage's
+faults and 1.3-1.5x its time, for the whole run (PERFLOG.md, M12). `WORKER_ENV` gives a stage's
 process one arena from its start, so every thread's allocations follow the thresholds above.
 """
 
