@@ -103,6 +103,8 @@ def test_each_missed_target_names_where_its_shortfall_comes_from() -> None:
     assert spun["pipeline efficiency >= 0.95"].endswith(": other threads 17.5 ms per micro-batch, the step's thread 1.00x")
     queued = _shortfalls(_measured(efficiency=0.8, compute_slowdown=1.2, corun_slowdown=1.0))
     assert queued["pipeline efficiency >= 0.95"].startswith("waiting for a core: 1.20x beyond the co-run (driver 0.02")
+    timed = _shortfalls(_measured(efficiency=0.8, compute_slowdown=1.2, corun_slowdown=1.0, step_wait_per_mb_s=0.012))
+    assert timed["pipeline efficiency >= 0.95"].endswith("; the step's thread waited 12.0 ms per micro-batch)")
     # Slower than a loop: imbalance when even a perfect pipeline of this split could not beat it.
     lopsided = _shortfalls(_measured(t_iso_s=[0.12, 0.02], vs_sequential={"sequential 1t": 1.1, "sequential 2t": 0.8}))
     assert lopsided["S = 2 faster than the sequential 2t loop"] == ("imbalance: at efficiency 1 the slowest stage "

@@ -10,6 +10,7 @@ import gc
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -154,14 +155,18 @@ class CpuMeter:
         self.snap0, self.machine0 = self._snapshot()
 
     @staticmethod
-    def threads_of(pid: int) -> dict[int, float]:
-        """CPU seconds of each thread of a process so far (empty for one that is gone)."""
-        import psutil
-
-        try:
-            return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
-        except psutil.Error:
-            return {}
+    def threads_of(pid: int) -> dict[int, tuple[float, float]]:
+        """Seconds each thread of a process has run on a CPU and waited in a run queue for one, so far, from
+        the scheduler's /proc/PID/task/TID/schedstat (empty for a process that is gone, or a kernel without
+        it)."""
+        out = {}
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                run_ns, wait_ns = (task / "schedstat").read_text().split()[:2]
+            except (OSError, ValueError):  # the thread ended meanwhile
+                continue
+            out[int(task.name)] = (int(run_ns) / 1e9, int(wait_ns) / 1e9)
+        return out
 
     def cpu_of(self, pids: Sequence[int]) -> list[float]:
         """CPU seconds each of these processes used since start (NaN for one that is gone)."""
@@ -197,8 +202,8 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     meter = CpuMeter()
     cores: dict[str, float] = {}
     stage_cpu: list[float] = []
-    threads0: list[dict[int, float]] = []
-    step_cpu: list[float] = []  # each stage's busiest thread: the one that steps
+    threads0: list[dict[int, tuple[float, float]]] = []
+    step_cpu: list[tuple[float, float]] = []  # each stage's busiest thread (the one that steps): run, wait
     pids = [int(i["pid"]) for i in pipe.actors.info]  # Stage.info(), bottom to top
     first, stop = start + warmup, start + warmup + steps + 1
 
@@ -210,8 +215,8 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
         if m == stop - 1:
             stage_cpu.extend(meter.cpu_of(pids))
             for p, t0 in zip(pids, threads0, strict=True):
-                t1 = meter.threads_of(p)
-                step_cpu.append(max((c - t0.get(t, 0.0) for t, c in t1.items()), default=float("nan")))
+                ran = {t: (r - t0[t][0], w - t0[t][1]) for t, (r, w) in meter.threads_of(p).items() if t in t0}
+                step_cpu.append(max(ran.values(), default=(float("nan"), float("nan"))))
             cores.update(meter.cores())
         if m > first:
             for r in reports:  # one StepReport per stage
@@ -223,6 +228,7 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     # CPU seconds per micro-batch of each stage process: its step and everything Ray does in it (argument
     # resolution, serialising the output into the object store, the call's RPCs), whoever else runs; and
     # of the process's busiest thread alone (the step's), so that a slower step tells itself apart from
-    # other threads of the process taking CPU.
+    # other threads of the process taking CPU; and how long that thread waited for a core.
     return {"rate": rate, "busy_s": busy_s, "busy_fraction": [rate * b for b in busy_s], "cores": cores,
-            "cpu_per_mb_s": [c / steps for c in stage_cpu], "step_cpu_per_mb_s": [c / steps for c in step_cpu]}
+            "cpu_per_mb_s": [c / steps for c in stage_cpu], "step_cpu_per_mb_s": [r / steps for r, _ in step_cpu],
+            "step_wait_per_mb_s": [w / steps for _, w in step_cpu]}

@@ -62,9 +62,10 @@ def _efficiency_shortfall(h: dict[str, Any]) -> str:
             parts.append(f"the slowest stage's process: {1 / h['cpu_efficiency']:.2f}x its CPU per step alone "
                          f"({rest:.2f}x beyond the co-run){_whose_cpu(h)}")
         else:
-            c = h["cores"]
+            c, wait = h["cores"], h.get("step_wait_per_mb_s", float("nan"))
+            waited = "" if math.isnan(wait) else f"; the step's thread waited {wait * 1e3:.1f} ms per micro-batch"
             parts.append(f"waiting for a core: {rest:.2f}x beyond the co-run (driver {c['driver']:.2f}, Ray "
-                         f"{c['ray']:.2f}, other processes {c['other']:.2f} cores)")
+                         f"{c['ray']:.2f}, other processes {c['other']:.2f} cores{waited})")
     return "; ".join(parts) or "no factor beyond 2 %: together"
 
 
@@ -95,6 +96,8 @@ def format_tables(res: dict[str, Any]) -> str:
     if "step_cpu_efficiency" in h:
         lines.append(f"| of it the step's thread alone / other threads (ms per micro-batch) | "
                      f"{h['step_cpu_efficiency']:.2f} / {h['other_threads_cpu_per_mb_s'] * 1e3:.1f} | |")
+        lines.append(f"| bottleneck's step thread waiting for a core (ms per micro-batch) | "
+                     f"{h['step_wait_per_mb_s'] * 1e3:.1f} | |")
     for k, v in h["vs_sequential"].items():
         lines.append(f"| speed-up vs {k} ({b[k]:.2f} mb/s) | {v:.2f}x | |")
     for k, v in h["vs_e2e"].items():

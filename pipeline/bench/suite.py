@@ -295,7 +295,7 @@ def _headline(runs: list[dict[str, Any]], stages: int, clips: int, cores: int) -
     med = statistics.median
     rate = med(r["pipeline"]["rate"] for r in runs)
     base = {k: med(r["baselines"][k] for r in runs) for k in runs[0]["baselines"]}
-    effs, slowdown, fraction, corun, avail_effs, cpu_ratio, step_ratio, others = [], [], [], [], [], [], [], []
+    effs, slowdown, fraction, corun, avail_effs, cpu_ratio, step_ratio, others, waits = ([] for _ in range(9))
     for r in runs:
         p, t_iso = r["pipeline"], r["t_iso_s"]
         b = max(range(stages), key=lambda k: p["busy_s"][k])  # the bottleneck in the pipeline
@@ -313,6 +313,7 @@ def _headline(runs: list[dict[str, Any]], stages: int, clips: int, cores: int) -
         if p.get("step_cpu_per_mb_s") and p["step_cpu_per_mb_s"][k] > 0:  # the step's thread, and the rest
             step_ratio.append(r["cpu_iso_s"][k] / p["step_cpu_per_mb_s"][k])
             others.append(p["cpu_per_mb_s"][k] - p["step_cpu_per_mb_s"][k])
+            waits.append(p["step_wait_per_mb_s"][b])  # the bottleneck's step thread, runnable but not running
     t_iso_med = [med(r["t_iso_s"][k] for r in runs) for k in range(stages)]
     cpu = {k: med(r["pipeline"]["cores"][k] for r in runs) for k in runs[0]["pipeline"]["cores"]}
     return {"stages": stages, "clips": clips, "rate": rate, "rates": [r["pipeline"]["rate"] for r in runs],
@@ -323,6 +324,7 @@ def _headline(runs: list[dict[str, Any]], stages: int, clips: int, cores: int) -
             "cpu_efficiency": med(cpu_ratio) if cpu_ratio else float("nan"),
             "step_cpu_efficiency": med(step_ratio) if step_ratio else float("nan"),
             "other_threads_cpu_per_mb_s": med(others) if others else float("nan"),
+            "step_wait_per_mb_s": med(waits) if waits else float("nan"),
             "vs_sequential": {k: rate / v for k, v in base.items() if k.startswith("sequential")},
             "vs_e2e": {k: rate / v for k, v in base.items() if k.startswith("e2e")}, "cores": cpu}
 
