@@ -46,9 +46,9 @@ logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("object-store", "direct", "compiled-graph", "shm")
 # `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG, 2026-11-30
-# S1-S5 and M1-M11): shm ran S = 2 ahead of the object store in nine of twelve side-by-side runs (1.10x and
-# 1.05x this round, behind at 0.82x in a third whose shm first stage stepped 1.4x slower than alone, M11;
-# before them 1.09x, 1.12x, 1.41x, 1.27x and, over 5 repeats, 1.07x, ahead in 4 of the 5 pairs), kept the
+# S1-S5 and M1-M12): shm ran S = 2 ahead of the object store in six of six side-by-side runs since its loop's
+# thread stopped faulting its memory in every step (1.02x-1.09x, M12; before that in nine of twelve, the three
+# behind ones in runs whose shm first stage stepped up to 1.4x slower than alone: M12's arena), kept the
 # bottleneck stage busy 0.99-1.02 of the time, hands an output over with no copy (the stage makes it in the
 # next stage's slot: 1.6-2.3x a memcpy at 1 MB, the object store's over 70x), takes no CPU while idle (an idle
 # compiled graph polls with about a core per stage) and a fifth of the object store's driver CPU per stage.
