@@ -94,7 +94,7 @@ def format_tables(res: dict[str, Any]) -> str:
              f"| efficiency against the cores other processes left free | {h['efficiency_vs_free_cores']:.2f} | |",
              f"| CPU efficiency: slowest stage's CPU per step alone / in the pipeline | {h['cpu_efficiency']:.2f} | |"]
     if "step_cpu_efficiency" in h:
-        lines.append(f"| of it the step's thread alone / other threads (ms per micro-batch) | "
+        lines.append(f"| of it the step's thread (CPU per step alone / in the pipeline) / other threads (ms per micro-batch) | "
                      f"{h['step_cpu_efficiency']:.2f} / {h['other_threads_cpu_per_mb_s'] * 1e3:.1f} | |")
         lines.append(f"| bottleneck's step thread waiting for a core (ms per micro-batch) | "
                      f"{h['step_wait_per_mb_s'] * 1e3:.1f} | |")
