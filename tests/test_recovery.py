@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 import ray
+from ray.exceptions import GetTimeoutError
 from support import Recorder, run_actors, sequential, setup, state_differences, tiny_npz
 from support import small_config as small
 
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
+from pipeline.engines import placement
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline, run_ray
 from pipeline.errors import RecoveryError, StageLost
@@ -113,6 +115,26 @@ def test_a_failure_that_recurs_stops_the_run_instead_of_looping(ray_local: str, 
     assert isinstance(info.value.__cause__, StageLost)
     assert poisoned.kills == pipe.recovery.count + 1 <= 1 + 4  # bounded: no endless loop
     assert store.latest_complete() is not None and store.latest_complete() <= 6  # type: ignore[operator]
+
+
+class _NeverPlaced:
+    def info(self) -> dict:
+        return {}
+
+
+def test_a_replacement_that_never_starts_is_a_lost_stage_not_a_driver_waiting_forever(
+        ray_local: str, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As when the node of a lost stage's bundle is gone and no other has room: the replacement is never
+    # placed. The driver gives up on it after START_TIMEOUT_S and the loss goes to recovery's bounded retries.
+    cfg = small(data, tmp_path, steps=4)
+    spec, _ = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        ray.kill(actors.handles[1])
+        monkeypatch.setattr(placement, "START_TIMEOUT_S", 2.0)
+        monkeypatch.setattr(actors, "_spawn", lambda k: ray.remote(resources={"nowhere": 1})(_NeverPlaced).remote())
+        with pytest.raises(StageLost) as info:
+            actors.replace_dead()
+    assert info.value.stage == 1 and isinstance(info.value.cause, GetTimeoutError)
 
 
 def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_local: str, data: str,

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 60.0  # how long to wait for the cluster to fit the stages before giving up
 REPLICA_TIMEOUT_S = TIMEOUT_S  # a replica group's collective waits this long for a lost replica before failing
 STARTS = 4  # attempts to bring every stage actor up when some die while starting
+START_TIMEOUT_S = 300.0  # how long a placed stage actor may take to answer first before it counts as lost
 
 
 def make_run_id(run_dir: str) -> str:
@@ -140,7 +141,8 @@ class StageActors:
             try:  # an actor that dies while starting (killed, its node lost) is replaced
                 if attempt:
                     self.replace_dead()
-                self.info = [get(a.info.remote(), k, None, self.names[k]) for k, a in enumerate(self.handles)]
+                self.info = [get(a.info.remote(), k, None, self.names[k], _first_answer)
+                             for k, a in enumerate(self.handles)]
                 break
             except StageLost as e:
                 if attempt + 1 == STARTS:
@@ -222,7 +224,7 @@ class StageActors:
             except RayError as e:
                 logger.debug("kill: %s", e)
             self.handles[k] = self._spawn(k)
-            self.info[k] = get(self.handles[k].info.remote(), k, None, self.names[k])
+            self.info[k] = get(self.handles[k].info.remote(), k, None, self.names[k], _first_answer)
             logger.warning("stage %d replaced by %s (pid %d)", k, self.names[k], self.info[k]["pid"])
 
     def alive(self, k: int) -> bool:
@@ -244,3 +246,10 @@ class StageActors:
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
+
+
+def _first_answer(ref: Any) -> Any:
+    """A new stage actor's first answer; one that never starts (its bundle's node gone and no room
+    elsewhere) is a lost stage after START_TIMEOUT_S, to be replaced or reported, not a driver that waits
+    forever."""
+    return ray.get(ref, timeout=START_TIMEOUT_S)
