@@ -125,9 +125,9 @@ class CompiledGraphTransport(InBandTransport):
         self._teardown(kill=True)
 
     def _teardown(self, kill: bool) -> None:
-        self.abandon()
         graph, self._graph = self._graph, None
         if graph is None:
+            self.abandon()
             return
         import ray
         from ray.dag.context import DAGContext
@@ -144,6 +144,9 @@ class CompiledGraphTransport(InBandTransport):
         finally:
             ctx.teardown_timeout = saved
             quiet.setLevel(level)
+        # The results in flight are dropped after the teardown: a result of a live graph releases its buffer
+        # when dropped, which raises (and Ray prints, unraisable) once a lost stage has closed the channels.
+        self.abandon()
         if kill:
             return
         for actor, ref in getattr(graph, "worker_task_refs", {}).items():
