@@ -28,7 +28,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
 
-from pipeline import storage
+from pipeline import cores, storage
 from pipeline.config import TrainConfig
 from pipeline.engines.actors import NAMESPACE, PING_TIMEOUT_S, Replicas, get, stage_actor_class
 from pipeline.engines.balance import device_memory_gb, measure_layers, replica_counts, stage_ranges
@@ -93,6 +93,7 @@ class StageActors:
         self.names = [f"lamina-{self.run_id}-stage{k}" for k in range(len(self.ranges))]
         self.handles: list[Any] = []  # ActorHandle of each stage
         self.info: list[dict[str, Any]] = []  # Stage.info() of each: node, device, layers, pid
+        self.pinned: list[list[tuple[int, ...] | None]] = []  # each stage's cores, per replica (--pin-cpus)
         self.pg: PlacementGroup | None = None
         self.gpus = 0.0  # GPUs per stage (set by start)
         self.replicas = [1] * len(self.ranges)  # each stage's replica count (set by start)
@@ -148,10 +149,28 @@ class StageActors:
                 if attempt + 1 == STARTS:
                     raise
                 logger.warning("%s while starting; replacing it", e)
-        for i in self.info:
-            logger.info("%s: layers %s on node %s (%s, %d thread(s)%s)", i["name"], [k + 1 for k in i["layers"]],
+        self._pin()
+        for i, pinned in zip(self.info, self.pinned, strict=True):
+            logger.info("%s: layers %s on node %s (%s, %d thread(s)%s%s)", i["name"], [k + 1 for k in i["layers"]],
                         i["node_id"][:8], i["device"], i["threads"],
-                        f", {i['replicas']} replicas" if i["replicas"] > 1 else "")
+                        f", {i['replicas']} replicas" if i["replicas"] > 1 else "",
+                        f", cores {' / '.join(','.join(map(str, c)) if c else 'any' for c in pinned)}" if any(pinned) else "")
+
+    def _pin(self) -> None:
+        """Give each stage's stepping threads cores of their own where they fit (pipeline/cores.py)."""
+        mode, n = self.cfg.pin_cpus, len(self.info)
+        self.pinned = [[None] * i["replicas"] for i in self.info]
+        if mode == "off" or (mode == "auto" and sum(node["Alive"] for node in ray.nodes()) > 1):
+            return
+        processes = [(k, node, i["threads"], tuple(avail)) for k, i in enumerate(self.info)
+                     for node, avail in i["processes"]]
+        node_cores: dict[str, tuple[int, ...]] = {}
+        for _, node, _, avail in processes:
+            node_cores.setdefault(node, avail)
+        got = cores.plan([(node, threads) for _, node, threads, _ in processes], node_cores)
+        self.pinned = [[c for (j, *_), c in zip(processes, got, strict=True) if j == k] for k in range(n)]
+        for k, ref in enumerate([h.pin.remote(p) for h, p in zip(self.handles, self.pinned, strict=True)]):
+            get(ref, k, None, self.names[k])
 
     def _replica_counts(self) -> list[int]:
         """Each stage's replica count (--replicas); `auto` measures the stages' step times and counts the
@@ -226,6 +245,8 @@ class StageActors:
             self.handles[k] = self._spawn(k)
             self.info[k] = get(self.handles[k].info.remote(), k, None, self.names[k], _first_answer)
             logger.warning("stage %d replaced by %s (pid %d)", k, self.names[k], self.info[k]["pid"])
+        if dead:
+            self._pin()
 
     def alive(self, k: int) -> bool:
         try:
