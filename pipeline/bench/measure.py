@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
+from pipeline import cores
 from pipeline.allocator import WORKER_ENV, keep_freed_memory
 
 if TYPE_CHECKING:
@@ -53,7 +54,15 @@ class StageProbe:
         self.measure((0, 1), warmup=1, steps=1)
 
     def measure(self, rng: Range, e2e: bool = False, warmup: int | None = None, steps: int | None = None,
-                ) -> dict[str, Any]:
+                pinned: Sequence[int] | None = None) -> dict[str, Any]:
+        """`pinned`: step on these cores only, as a pinned stage does (--pin-cpus); the thread is freed after."""
+        if pinned:
+            everywhere = cores.available()
+            cores.pin_thread(pinned)
+            try:
+                return self.measure(rng, e2e, warmup, steps)
+            finally:
+                cores.pin_thread(everywhere)
         from workers.layers import normalise, output_shapes
         from workers.learner import Learner, LearnerStack
 
@@ -110,13 +119,21 @@ def _rate(ends: dict[int, float], warmup: int) -> float:
     return (last - warmup) / (ends[last] - ends[warmup])
 
 
-def actor(cls: type) -> Any:
+# The in-process baselines at their best: libgomp binds each thread of a team to a core of its own (the
+# first thread too, with one thread), as --pin-cpus does for a stage's stepping thread. Measured on the
+# bench's machine, bound against not, 4 interleaved pairs: the 1-thread loop 1.00-1.03x, the 2-thread one
+# 1.00-1.09x (PERFLOG.md, M13).
+BOUND_ENV = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+
+
+def actor(cls: type, env: dict[str, str] | None = None) -> Any:
     # num_cpus=0: measuring processes only run while nothing else of the bench does, and must not take
     # the logical CPUs the stage bundles need. OMP_WAIT_POLICY=PASSIVE: with libgomp's default (spin, then
     # sleep) a multi-threaded baseline loses up to 10x whenever another process holds one of its cores
     # ([Note: spinning] in PERFLOG.md); passive is the baseline at its best. One-thread stages never wait
     # in an OpenMP barrier, so it does not change them. The allocator's environment: as the stages run.
-    return ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **WORKER_ENV}})(cls).remote
+    # `env`: more of it.
+    return ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **WORKER_ENV, **(env or {})}})(cls).remote
 
 
 # -- the pipeline, with where its time and the machine's CPU went ------------------------------------
