@@ -3,8 +3,9 @@
 Ray reserves CPUs as counts, not as cores: every process on a node may run on every core, and the kernel
 moves threads between them. A stage that steps all the time then waits whenever something else wakes on
 its core: the other stage, the driver, Ray's daemons. On the bench's 2-core machine the bottleneck stage's
-thread waited 3.4 % of the wall time for a core; with a core of its own, 0.0 %, and the rest of the
-machine's work moved into the other stage's idle gaps (PERFLOG.md, M13).
+thread waited 3.4 % of the wall time for a core. Pinned, the other stage no longer lands there and most of
+the rest moves into that stage's idle gaps: side by side, the pipeline ran a median 1.02x faster pinned, and
+what still wakes on the pinned core is Ray's daemons and the machine's own (PERFLOG.md, M13).
 
 So where a node's stages (and their replicas) fit in its cores, `plan` gives each a block of
 `--cpus-per-stage` cores of its own, and the stage pins the thread that steps to it (`pin_thread`; the
@@ -23,6 +24,7 @@ import os
 from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
+
 
 def available() -> tuple[int, ...]:
     """The cores this process may run on (its cpuset, not the machine's count); empty where the system

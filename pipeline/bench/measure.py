@@ -132,7 +132,7 @@ def actor(cls: type, env: dict[str, str] | None = None) -> Any:
     # sleep) a multi-threaded baseline loses up to 10x whenever another process holds one of its cores
     # ([Note: spinning] in PERFLOG.md); passive is the baseline at its best. One-thread stages never wait
     # in an OpenMP barrier, so it does not change them. The allocator's environment: as the stages run.
-    # `env`: more of it.
+    # `env`: more variables for this actor's process.
     return ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **WORKER_ENV, **(env or {})}})(cls).remote
 
 

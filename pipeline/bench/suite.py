@@ -25,9 +25,9 @@ Speed-ups compare micro-batches/s (equal micro-batches, so also samples/s) again
 layer-local loop and against end-to-end backprop of the same network and objective (one learner holding
 every block, the objective on the top one), both in one process with `cores` torch threads: the same total
 cores as S one-CPU stages when S = cores. As the stages' stepping threads are pinned, the loops' threads are
-bound, one to a core (BOUND_ENV in measure.py): each side at its best. With S > cores (S = 4 here) the stages are oversubscribed: four
-1-thread processes time-share 2 cores, so each runs at most at half speed and the ideal rate is
-min(1 / max t_iso, cores / sum t_iso).
+bound, one to a core (BOUND_ENV in measure.py): each side at its best. With S > cores (S = 4 here) the
+stages are oversubscribed: four 1-thread processes time-share 2 cores, so each runs at most at half speed
+and the ideal rate is min(1 / max t_iso, cores / sum t_iso).
 
 Peak memory: inside a fresh Ray worker, RSS high-water mark (VmHWM, reset through /proc/self/clear_refs
 after warm-up) minus the RSS before the stage was built: weights, gradients, Adam state, the activations
