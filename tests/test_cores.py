@@ -13,6 +13,7 @@ import ray
 from support import Recorder, setup, tiny_config, tiny_npz
 
 from pipeline import cores
+from pipeline.checkpoints import CheckpointStore
 from pipeline.engines.actors import NAMESPACE
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline
@@ -71,7 +72,7 @@ def trained(cfg: Any, check: Any) -> None:
         check(actors)
 
 
-@pytest.mark.parametrize("transport", ["object-store", "shm"])
+@pytest.mark.parametrize("transport", ["object-store", "shm", "direct", "compiled-graph"])
 def test_each_stage_steps_on_a_core_of_its_own(ray_local: str, data: str, tmp_path: Path, transport: str) -> None:
     if len(cores.available()) < 2:
         pytest.skip("needs 2 cores")
@@ -83,6 +84,21 @@ def test_each_stage_steps_on_a_core_of_its_own(ray_local: str, data: str, tmp_pa
             assert restricted(int(i["pid"])) == [{mine}]  # the thread that stepped, and only it
 
     trained(tiny_config(data, layers="conv:8,conv:8", transport=transport, run_dir=str(tmp_path / "run")), check)
+
+
+def test_a_replaced_stage_steps_on_its_predecessors_core(ray_local: str, data: str, tmp_path: Path) -> None:
+    if len(cores.available()) < 2:
+        pytest.skip("needs 2 cores")
+    cfg = tiny_config(data, layers="conv:8,conv:8", steps=12, checkpoint_every=3, run_dir=str(tmp_path / "run"))
+    spec, source = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        pipe = RayPipeline(actors, CheckpointStore(str(tmp_path / "ck")))
+        first = actors.info[1]["pid"]
+        pipe.train(source, 0, cfg.steps, Recorder(lambda m: ray.kill(actors.handles[1]) if m == 5 else None))
+        assert pipe.recovery is not None and pipe.recovery.count == 1
+        assert actors.info[1]["pid"] != first
+        assert actors.pinned == [[(cores.available()[0],)], [(cores.available()[1],)]]
+        assert restricted(int(actors.info[1]["pid"])) == [{cores.available()[1]}]
 
 
 def test_a_replica_steps_on_a_core_of_its_own(ray_local: str, data: str, tmp_path: Path) -> None:
