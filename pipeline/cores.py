@@ -14,16 +14,24 @@ driver and Ray's daemons run wherever a core is free. A node whose stages do not
 kernel balances better than a fixed, oversubscribed assignment).
 
 `auto` pins on a Ray of one node (the run's own machine): a cluster's nodes may run other jobs' processes
-that a run cannot see, so there `on` asks for it.
+that a run cannot see, so there `on` asks for it. Two runs on one machine (two drivers, each with a local
+Ray or on one Ray) would otherwise both pin their first stage to core 0: the driver plans its own node's
+cores around those another live driver holds, as recorded in the node's `Registry`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+REGISTRY_DIR = Path(tempfile.gettempdir()) / f"lamina-cores-{os.getuid()}"  # where a node's `Registry` lives
 
 
 def available() -> tuple[int, ...]:
@@ -61,3 +69,50 @@ def plan(processes: Sequence[tuple[str, int]], cores: dict[str, tuple[int, ...]]
 def pin_thread(cores: Sequence[int]) -> None:
     """Run the calling thread (and the threads it starts from now on) on `cores` only."""
     os.sched_setaffinity(0, cores)  # 0: the calling thread (Linux: affinity is per thread)
+
+
+class Registry:
+    """This node's record of the cores lamina's drivers pinned their stages to: a file per driver, named by
+    its pid and holding its cores (all it ever pinned: stage actors come and go within a run). A driver
+    that is gone holds none, and its file is removed by the next reader."""
+
+    def __init__(self, where: str | Path | None = None) -> None:
+        self.dir = Path(where or REGISTRY_DIR)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Read, plan and claim under this, so that two drivers starting at once do not take the same cores."""
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def held(self) -> set[int]:
+        """The cores other live drivers' stages are pinned to."""
+        out: set[int] = set()
+        for f in self.dir.glob("[0-9]*"):
+            pid = int(f.name)
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                f.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            out |= _cores_in(f)
+        return out
+
+    def claim(self, cores: Iterable[int]) -> None:
+        """Add `cores` to this driver's."""
+        mine = self.dir / str(os.getpid())
+        held = _cores_in(mine) | set(cores)
+        mine.write_text(",".join(map(str, sorted(held))))
+
+
+def _cores_in(f: Path) -> set[int]:
+    try:
+        return {int(c) for c in f.read_text().split(",") if c}
+    except (OSError, ValueError):  # gone meanwhile, or half written by a driver that died
+        return set()

@@ -4,6 +4,7 @@ the thread that stepped runs on its stage's core, every other thread anywhere.""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,32 @@ def test_pin_thread_moves_the_calling_thread_only() -> None:
     t.join()
     assert seen["thread"] == {cores.available()[0]}
     assert len(os.sched_getaffinity(0)) >= 2  # this thread, and so the process's others, untouched
+
+
+def test_the_registry_holds_the_cores_of_live_other_drivers_only(tmp_path: Path) -> None:
+    registry = cores.Registry(tmp_path)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        with registry.locked():
+            registry.claim([3])  # this driver's own: never in its own way
+            registry.claim([4])
+            (tmp_path / str(other.pid)).write_text("0,1")
+            assert registry.held() == {0, 1}
+        other.kill()
+        other.wait()
+        with registry.locked():
+            assert registry.held() == set()
+        assert sorted(f.name for f in tmp_path.glob("[0-9]*")) == [str(os.getpid())]  # the gone one's removed
+        assert (tmp_path / str(os.getpid())).read_text() == "3,4"
+    finally:
+        other.kill()
+
+
+@pytest.fixture(autouse=True)
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A registry of this test's own: another run on this machine holds no core here."""
+    monkeypatch.setattr(cores, "REGISTRY_DIR", tmp_path / "registry")
+    return tmp_path / "registry"
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +155,25 @@ def test_nothing_is_pinned_when_off_or_when_the_stages_do_not_fit(ray_local: str
         assert all(restricted(int(i["pid"])) == [] for i in actors.info)
 
     trained(cfg, check)
+
+
+def test_a_second_run_on_the_machine_plans_around_the_cores_the_first_holds(
+        ray_local: str, data: str, tmp_path: Path, registry: Path) -> None:
+    if len(cores.available()) != 2:
+        pytest.skip("written for 2 cores")
+    first, second = cores.available()
+    other = subprocess.Popen(["sleep", "120"])  # stands in for another driver, its stage on the first core
+    try:
+        registry.mkdir()
+        (registry / str(other.pid)).write_text(str(first))
+
+        def one_stage(actors: StageActors) -> None:
+            assert actors.pinned == [[(second,)]]
+
+        def two_stages(actors: StageActors) -> None:
+            assert actors.pinned == [[None], [None]]  # one core left for two stages: none pinned
+
+        trained(tiny_config(data, layers="conv:8", run_dir=str(tmp_path / "one")), one_stage)
+        trained(tiny_config(data, layers="conv:8,conv:8", run_dir=str(tmp_path / "two")), two_stages)
+    finally:
+        other.kill()
