@@ -72,9 +72,10 @@ def pin_thread(cores: Sequence[int]) -> None:
 
 
 class Registry:
-    """This node's record of the cores lamina's drivers pinned their stages to: a file per driver, named by
-    its pid and holding its cores (all it ever pinned: stage actors come and go within a run). A driver
-    that is gone holds none, and its file is removed by the next reader."""
+    """This node's record of the cores lamina's runs pinned their stages to: a file per run, named by its
+    driver's pid and the run's id and holding its cores (all it pinned: stage actors come and go within a
+    run), removed when the run's actors are (`release`). A driver that is gone holds none, whatever it left:
+    the next reader removes its files."""
 
     def __init__(self, where: str | Path | None = None) -> None:
         self.dir = Path(where or REGISTRY_DIR)
@@ -90,8 +91,8 @@ class Registry:
     def held(self) -> set[int]:
         """The cores other live drivers' stages are pinned to."""
         out: set[int] = set()
-        for f in self.dir.glob("[0-9]*"):
-            pid = int(f.name)
+        for f in self.dir.glob("[0-9]*-*"):
+            pid = int(f.name.split("-", 1)[0])
             if pid == os.getpid():
                 continue
             try:
@@ -104,11 +105,18 @@ class Registry:
             out |= _cores_in(f)
         return out
 
-    def claim(self, cores: Iterable[int]) -> None:
-        """Add `cores` to this driver's."""
-        mine = self.dir / str(os.getpid())
+    def claim(self, run: str, cores: Iterable[int]) -> None:
+        """Add `cores` to run `run`'s (a run of this driver)."""
+        mine = self._file(run)
         held = _cores_in(mine) | set(cores)
         mine.write_text(",".join(map(str, sorted(held))))
+
+    def release(self, run: str) -> None:
+        """Run `run`'s stages are gone: its cores are free for others."""
+        self._file(run).unlink(missing_ok=True)
+
+    def _file(self, run: str) -> Path:
+        return self.dir / f"{os.getpid()}-{run}"
 
 
 def _cores_in(f: Path) -> set[int]:

@@ -52,16 +52,18 @@ def test_the_registry_holds_the_cores_of_live_other_drivers_only(tmp_path: Path)
     other = subprocess.Popen(["sleep", "60"])
     try:
         with registry.locked():
-            registry.claim([3])  # this driver's own: never in its own way
-            registry.claim([4])
-            (tmp_path / str(other.pid)).write_text("0,1")
+            registry.claim("run-a", [3])  # this driver's own: never in its own way
+            registry.claim("run-a", [4])
+            registry.claim("run-b", [5])
+            (tmp_path / f"{other.pid}-run-c").write_text("0,1")
             assert registry.held() == {0, 1}
+        registry.release("run-b")
         other.kill()
         other.wait()
         with registry.locked():
             assert registry.held() == set()
-        assert sorted(f.name for f in tmp_path.glob("[0-9]*")) == [str(os.getpid())]  # the gone one's removed
-        assert (tmp_path / str(os.getpid())).read_text() == "3,4"
+        assert [f.name for f in tmp_path.glob("[0-9]*")] == [f"{os.getpid()}-run-a"]  # gone, released: removed
+        assert (tmp_path / f"{os.getpid()}-run-a").read_text() == "3,4"
     finally:
         other.kill()
 
@@ -165,15 +167,17 @@ def test_a_second_run_on_the_machine_plans_around_the_cores_the_first_holds(
     other = subprocess.Popen(["sleep", "120"])  # stands in for another driver, its stage on the first core
     try:
         registry.mkdir()
-        (registry / str(other.pid)).write_text(str(first))
+        (registry / f"{other.pid}-run").write_text(str(first))
 
         def one_stage(actors: StageActors) -> None:
             assert actors.pinned == [[(second,)]]
+            assert (registry / f"{os.getpid()}-{actors.run_id}").read_text() == str(second)
 
         def two_stages(actors: StageActors) -> None:
             assert actors.pinned == [[None], [None]]  # one core left for two stages: none pinned
 
         trained(tiny_config(data, layers="conv:8", run_dir=str(tmp_path / "one")), one_stage)
+        assert [f.name for f in registry.glob("[0-9]*")] == [f"{other.pid}-run"]  # the finished run's released
         trained(tiny_config(data, layers="conv:8,conv:8", run_dir=str(tmp_path / "two")), two_stages)
     finally:
         other.kill()

@@ -173,8 +173,8 @@ class StageActors:
             for _, node, _, avail in processes:
                 node_cores.setdefault(node, tuple(c for c in avail if node != here or c not in held))
             got = cores.plan([(node, threads) for _, node, threads, _ in processes], node_cores)
-            registry.claim(c for (_, node, *_), block in zip(processes, got, strict=True)
-                           if node == here and block for c in block)
+            registry.claim(self.run_id, (c for (_, node, *_), block in zip(processes, got, strict=True)
+                                         if node == here and block for c in block))
         self.pinned = [[c for (j, *_), c in zip(processes, got, strict=True) if j == k] for k in range(n)]
         for k, ref in enumerate([h.pin.remote(p) for h, p in zip(self.handles, self.pinned, strict=True)]):
             get(ref, k, None, self.names[k])
@@ -271,6 +271,8 @@ class StageActors:
             except RayError as e:  # already dead: nothing to free
                 logger.debug("kill: %s", e)
         self.handles = []
+        if any(any(p) for p in self.pinned):
+            cores.Registry().release(self.run_id)
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
