@@ -181,3 +181,15 @@ def test_a_second_run_on_the_machine_plans_around_the_cores_the_first_holds(
         trained(tiny_config(data, layers="conv:8,conv:8", run_dir=str(tmp_path / "two")), two_stages)
     finally:
         other.kill()
+
+
+def test_a_record_out_of_reach_leaves_the_stages_unpinned_and_the_run_going(
+        ray_local: str, data: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(cores, "REGISTRY_DIR", tmp_path / "a-file" / "registry")  # cannot be made
+
+    def check(actors: StageActors) -> None:
+        assert actors.pinned == [[None]]
+        assert restricted(int(actors.info[0]["pid"])) == []
+
+    trained(tiny_config(data, layers="conv:8", run_dir=str(tmp_path / "run")), check)

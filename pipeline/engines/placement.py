@@ -165,16 +165,20 @@ class StageActors:
         processes = [(k, node, i["threads"], tuple(avail)) for k, i in enumerate(self.info)
                      for node, avail in i["processes"]]
         here, registry = ray.get_runtime_context().get_node_id(), cores.Registry()
-        with registry.locked():  # this node's cores that other runs' stages hold are not planned
-            held = registry.held()
-            if held:
-                logger.info("--pin-cpus: cores %s of this node are held by another run's stages", sorted(held))
-            node_cores: dict[str, tuple[int, ...]] = {}
-            for _, node, _, avail in processes:
-                node_cores.setdefault(node, tuple(c for c in avail if node != here or c not in held))
-            got = cores.plan([(node, threads) for _, node, threads, _ in processes], node_cores)
-            registry.claim(self.run_id, (c for (_, node, *_), block in zip(processes, got, strict=True)
-                                         if node == here and block for c in block))
+        try:
+            with registry.locked():  # this node's cores that other runs' stages hold are not planned
+                held = registry.held()
+                if held:
+                    logger.info("--pin-cpus: cores %s of this node are held by another run's stages", sorted(held))
+                node_cores: dict[str, tuple[int, ...]] = {}
+                for _, node, _, avail in processes:
+                    node_cores.setdefault(node, tuple(c for c in avail if node != here or c not in held))
+                got = cores.plan([(node, threads) for _, node, threads, _ in processes], node_cores)
+                registry.claim(self.run_id, (c for (_, node, *_), block in zip(processes, got, strict=True)
+                                             if node == here and block for c in block))
+        except OSError as e:  # pinning without the record could take another run's cores: none, then
+            logger.warning("--pin-cpus: stages not pinned: this node's record of pinned cores is out of reach (%s)", e)
+            return
         self.pinned = [[c for (j, *_), c in zip(processes, got, strict=True) if j == k] for k in range(n)]
         for k, ref in enumerate([h.pin.remote(p) for h, p in zip(self.handles, self.pinned, strict=True)]):
             get(ref, k, None, self.names[k])
