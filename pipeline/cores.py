@@ -10,8 +10,8 @@ what still wakes on the pinned core is Ray's daemons and the machine's own (PERF
 So where a node's stages (and their replicas) fit in its cores, `plan` gives each a block of
 `--cpus-per-stage` cores of its own, and the stage pins the thread that steps to it (`pin_thread`; the
 OpenMP threads that thread starts inherit it). Nothing else is pinned: the stages' other threads, the
-driver and Ray's daemons run wherever a core is free. A node whose stages do not fit is left alone (the
-kernel balances better than a fixed, oversubscribed assignment).
+driver and Ray's daemons run wherever a core is free. A node whose stages do not fit is left alone: pinned,
+more stages than cores could not be moved by the kernel to whichever core is free.
 
 `auto` pins on a Ray of one node (the run's own machine): a cluster's nodes may run other jobs' processes
 that a run cannot see, so there `on` asks for it. Two runs on one machine (two drivers, each with a local
