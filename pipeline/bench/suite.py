@@ -51,7 +51,6 @@ import numpy as np
 import ray
 import torch
 
-from pipeline import cores as core_sets
 from pipeline.bench.measure import BOUND_ENV, Loop, StageProbe, actor, idle_cores, pipeline_run
 from pipeline.bench.report import write
 from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
@@ -178,9 +177,6 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     corun_probes = [iso_probe, *(actor(StageProbe)(cfg, spec, b_head, 1) for _ in head_split[1:])]
     runs: list[dict[str, Any]] = []
     idle: dict[str, float] = {}  # variant -> cores its stage actors use while waiting for work
-    # The stages' cores under --pin-cpus auto (pipeline/cores.py): the probes that stand in for them, alone
-    # and at once, step on the same ones.
-    pins = core_sets.plan([("here", 1)] * s_head, {"here": core_sets.available()})
     # Each transport with --pin-cpus auto and, with `unpinned`, the first one again without pinning.
     first = cfg.pipeline_transports[0]
     unpinned = f"{first}, --pin-cpus off"
@@ -191,6 +187,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     with contextlib.ExitStack() as stack:
         pipes = {v: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share, pin=pin), spec)))
                  for v, (t, pin) in variants.items() if t != "compiled-graph"}
+        # The probes that stand in for the stages, alone and at once, step on the cores the stages got
+        # (--pin-cpus auto: pipeline/cores.py).
+        pinned = next((p.actors.pinned for v, p in pipes.items() if variants[v][1] == "auto"), [[None]] * s_head)
+        pins = [per_replica[0] for per_replica in pinned]
         for r in range(cfg.repeats):
             progress(f"headline S={s_head}, B={b_head}: repeat {r + 1}/{cfg.repeats}")
             alone = [ray.get(iso_probe.measure.remote(rng, pinned=pin)) for rng, pin in zip(head_split, pins, strict=True)]
