@@ -19,7 +19,6 @@ from workers.objectives import OBJECTIVES
 
 ENGINES = ("ray", "sequential", "e2e")
 PLACEMENTS = ("pack", "spread")
-PIN_CPUS = ("auto", "on", "off")  # pipeline/cores.py
 TRANSPORTS = ("auto", "object-store", "direct", "compiled-graph", "shm")  # pipeline/engines/transport.py
 BALANCES = ("even", "auto")  # pipeline/engines/balance.py
 
@@ -115,8 +114,6 @@ class TrainConfig:
     placement: str = flag("pack", "placement-group strategy: pack, or spread (one stage per node)",
                           choices=PLACEMENTS, section="ray")
     cpus_per_stage: float = flag(1.0, "CPUs reserved per stage (its torch threads)", section="ray")
-    pin_cpus: str = flag("auto", "each stage's stepping thread on cores of its own, where a node's stages fit in "
-                         "its cores: on, off, or auto (on when Ray has one node)", choices=PIN_CPUS, section="ray")
     gpus_per_stage: float | None = flag(None, "GPUs reserved per stage; a fraction shares one GPU between stages",
                                         parse=_auto_float, metavar="N|auto", shown="auto: 1 when the cluster has GPUs, else 0",
                                         section="ray")
@@ -181,7 +178,6 @@ class TrainConfig:
             (self.layers_per_stage >= 1, "--layers-per-stage must be >= 1", self.layers_per_stage),
             (self.queue_depth >= 1, "--queue-depth must be >= 1", self.queue_depth),
             (self.placement in PLACEMENTS, f"--placement must be one of {list(PLACEMENTS)}", self.placement),
-            (self.pin_cpus in PIN_CPUS, f"--pin-cpus must be one of {list(PIN_CPUS)}", self.pin_cpus),
             (self.balance in BALANCES, f"--balance must be one of {list(BALANCES)}", self.balance),
             (self.stage_memory_gb >= 0, "--stage-memory-gb must be >= 0", self.stage_memory_gb),
             (not self.stage_memory_gb or self.balance == "auto", "--stage-memory-gb needs --balance auto",

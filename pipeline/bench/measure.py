@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from pipeline import cores
 from pipeline.allocator import WORKER_ENV, keep_freed_memory
 
 if TYPE_CHECKING:
@@ -54,15 +53,7 @@ class StageProbe:
         self.measure((0, 1), warmup=1, steps=1)
 
     def measure(self, rng: Range, e2e: bool = False, warmup: int | None = None, steps: int | None = None,
-                pinned: Sequence[int] | None = None) -> dict[str, Any]:
-        """`pinned`: step on these cores only, as a pinned stage does (--pin-cpus); the thread is freed after."""
-        if pinned:
-            everywhere = cores.available()
-            cores.pin_thread(pinned)
-            try:
-                return self.measure(rng, e2e, warmup, steps)
-            finally:
-                cores.pin_thread(everywhere)
+                ) -> dict[str, Any]:
         from workers.layers import normalise, output_shapes
         from workers.learner import Learner, LearnerStack
 
@@ -120,9 +111,9 @@ def _rate(ends: dict[int, float], warmup: int) -> float:
 
 
 # The in-process baselines at their best: libgomp binds each thread of a team to a core of its own (the
-# first thread too, with one thread), as --pin-cpus does for a stage's stepping thread. Measured on the
-# bench's machine, bound against not, 4 interleaved pairs: the 1-thread loop 1.00-1.03x, the 2-thread one
-# 1.00-1.09x (PERFLOG.md, M13).
+# first thread too, with one thread). A 2-thread loop waits at every parallel region for the thread that
+# lost its core; bound against not, 4 interleaved pairs on the bench's machine: the 1-thread loop
+# 1.00-1.03x, the 2-thread one 1.00-1.09x (PERFLOG.md, M13).
 BOUND_ENV = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 
 

@@ -114,10 +114,7 @@ def format_tables(res: dict[str, Any]) -> str:
         lines += ["", "## Transports side by side (the headline's S and B, the same repeats, interleaved)", "",
                   ("| --transport | mb/s (repeats) | efficiency | bottleneck busy fraction | vs sequential 1t | "
                    f"vs sequential {cores}t | stage actors idle (cores) |"), "|---|---|---|---|---|---|---|"]
-        rows = dict(res["by_transport"])
-        if res.get("unpinned"):
-            rows[res["unpinned"]["variant"]] = res["unpinned"]
-        for t, v in rows.items():
+        for t, v in res["by_transport"].items():
             lines.append(f"| {t} | {v['rate']:.2f} ({', '.join(f'{x:.2f}' for x in v['rates'])}) | "
                          f"{v['efficiency']:.2f} | {v['bottleneck_busy_fraction']:.2f} | "
                          f"{v['vs_sequential']['sequential 1t']:.2f}x | {v['vs_sequential'][f'sequential {cores}t']:.2f}x | "

@@ -5,9 +5,9 @@ drifting machine reaches the compared things alike (the headline comparison is r
 
 [Note: efficiency]
     t_iso[k]   stage k's step (forward, local loss, backward, optimizer step, emit) timed in a Ray worker
-               process of its own, 1 torch thread (the stage actor's budget) on the core --pin-cpus gives
-               the stage, nothing else of the bench running: the stage's step time in isolation on the same
-               resources. Median over steps after warm-up. No Ray call, no transport: pure compute.
+               process of its own, 1 torch thread (the stage actor's budget), nothing else of the bench
+               running: the stage's step time in isolation on the same resources. Median over steps after
+               warm-up. No Ray call, no transport: pure compute.
     rate       the pipeline's steady-state micro-batches/s: (last - w) / (end of last - end of w), ends as
                the driver sees them (on_step), w = the warm-up micro-batches (Ray start, actor start and the
                fill of S - 1 micro-batches are outside the window).
@@ -18,16 +18,16 @@ It factors into two numbers measured in the same pipeline run (from the stages' 
                = 1 / compute slowdown   *  busy fraction of the bottleneck
 The slowdown is the machine (two compute processes sharing 2 vCPUs with Ray's own processes, the driver and
 other tenants); the busy fraction is the pipeline (Ray call overhead, serialisation, the driver's latency).
-`co-run` times every stage of the split stepping at once in separate processes with no transport at all,
-each on its stage's core: the slowdown the machine alone imposes.
+`co-run` times every stage of the split stepping at once in separate processes with no transport at all:
+the slowdown the machine alone imposes.
 
 Speed-ups compare micro-batches/s (equal micro-batches, so also samples/s) against the sequential
 layer-local loop and against end-to-end backprop of the same network and objective (one learner holding
 every block, the objective on the top one), both in one process with `cores` torch threads: the same total
-cores as S one-CPU stages when S = cores. As the stages' stepping threads are pinned, the loops' threads are
-bound, one to a core (BOUND_ENV in measure.py): each side at its best. With S > cores (S = 4 here) the
-stages are oversubscribed: four 1-thread processes time-share 2 cores, so each runs at most at half speed
-and the ideal rate is min(1 / max t_iso, cores / sum t_iso).
+cores as S one-CPU stages when S = cores, each thread bound to a core of its own (BOUND_ENV in measure.py:
+the loops at their best). With S > cores (S = 4 here) the stages are oversubscribed: four 1-thread
+processes time-share 2 cores, so each runs at most at half speed and the ideal rate is
+min(1 / max t_iso, cores / sum t_iso).
 
 Peak memory: inside a fresh Ray worker, RSS high-water mark (VmHWM, reset through /proc/self/clear_refs
 after warm-up) minus the RSS before the stage was built: weights, gradients, Adam state, the activations
@@ -82,7 +82,6 @@ class BenchConfig:
     # --transport values the headline pipeline runs with, side by side in every repeat (the first is the
     # headline's own numbers and the one the scaling and replica runs use: `auto`'s pick on the cpu)
     pipeline_transports: tuple[str, ...] = ("shm", "object-store", "direct", "compiled-graph")
-    unpinned: bool = True  # also run the first of them with --pin-cpus off, side by side (every run pins: auto)
     balance: bool = True  # also run the headline's S split by measured layer times (--balance auto)
     replicas: tuple[int, ...] = (1, 2)  # R of the replica section: the whole network as one stage of R replicas
     worker_niceness: int = 0  # niceness of Ray's workers when the bench starts Ray (Ray's default: 15)
@@ -131,11 +130,11 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     total = cfg.warmup + cfg.steps + 1
 
     def train_cfg(clips: int, engine: str, stages: int = 1, transport: str = cfg.pipeline_transports[0],
-                  replicas: int = 1, cpus: float = 1.0, pin: str = "auto") -> TrainConfig:
+                  replicas: int = 1, cpus: float = 1.0) -> TrainConfig:
         return TrainConfig(data=cfg.data, layers=cfg.layers, clips=clips, clip_len=cfg.clip_len, size=cfg.size,
                            steps=total, engine=engine, layers_per_stage=n_layers // stages,
                            queue_depth=cfg.queue_depth, cpus_per_stage=cpus, transport=transport,
-                           replicas=str(replicas), pin_cpus=pin)
+                           replicas=str(replicas))
 
     def sampler(clips: int) -> Source:
         if clips not in sources:
@@ -176,51 +175,36 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     iso_probe = actor(StageProbe)(cfg, spec, b_head, 1)
     corun_probes = [iso_probe, *(actor(StageProbe)(cfg, spec, b_head, 1) for _ in head_split[1:])]
     runs: list[dict[str, Any]] = []
-    idle: dict[str, float] = {}  # variant -> cores its stage actors use while waiting for work
-    # Each transport with --pin-cpus auto and, with `unpinned`, the first one again without pinning.
-    first = cfg.pipeline_transports[0]
-    unpinned = f"{first}, --pin-cpus off"
-    variants = {t: (t, "auto") for t in cfg.pipeline_transports} | ({unpinned: (first, "off")} if cfg.unpinned else {})
-    # One set of stage actors per variant, all alive, used in turn: as only one set runs at a time, each
+    idle: dict[str, float] = {}  # transport -> cores its stage actors use while waiting for work
+    # One set of stage actors per transport, all alive, used in turn: as only one set runs at a time, each
     # reserves its share of a CPU per stage (the thread budget stays 1: pipeline/engines/actors.py).
-    share = 1 / len(variants)
+    share = 1 / len(cfg.pipeline_transports)
     with contextlib.ExitStack() as stack:
-        pipes = {v: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share, pin=pin), spec)))
-                 for v, (t, pin) in variants.items() if t != "compiled-graph"}
-        # The probes that stand in for the stages, alone and at once, step on the cores the stages got
-        # (--pin-cpus auto: pipeline/cores.py).
-        pinned = next((p.actors.pinned for v, p in pipes.items() if variants[v][1] == "auto"), [[None]] * s_head)
-        pins = [per_replica[0] for per_replica in pinned]
+        pipes = {t: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
+                 for t in cfg.pipeline_transports if t != "compiled-graph"}
         for r in range(cfg.repeats):
             progress(f"headline S={s_head}, B={b_head}: repeat {r + 1}/{cfg.repeats}")
-            alone = [ray.get(iso_probe.measure.remote(rng, pinned=pin)) for rng, pin in zip(head_split, pins, strict=True)]
+            alone = [ray.get(iso_probe.measure.remote(rng)) for rng in head_split]  # one after the other
             run: dict[str, Any] = {"t_iso_s": [g["step_s"] for g in alone], "cpu_iso_s": [g["cpu_s"] for g in alone]}
             run["pipelines"] = {}
-            for v, (t, pin) in variants.items():
+            for t in cfg.pipeline_transports:
                 with contextlib.ExitStack() as own:
                     # An idle compiled graph's stage loops poll their channels, about a core each (the idle
                     # column): its actors are started for its run and killed after it, so that they take no
                     # CPU from the other transports' runs and the measurements in between.
-                    pipe = pipes[v] if v in pipes else RayPipeline(own.enter_context(StageActors(
-                        train_cfg(b_head, "ray", s_head, t, cpus=share, pin=pin), spec)))
-                    run["pipelines"][v] = pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
+                    pipe = pipes[t] if t in pipes else RayPipeline(own.enter_context(StageActors(
+                        train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
+                    run["pipelines"][t] = pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
                     if r + 1 == cfg.repeats:
-                        idle[v] = idle_cores(pipe.actors)
-            run["pipeline"] = run["pipelines"][first]
+                        idle[t] = idle_cores(pipe.actors)
+            run["pipeline"] = run["pipelines"][cfg.pipeline_transports[0]]
             run["corun_s"] = [g["step_s"] for g in ray.get(
-                [p.measure.remote(rng, False, 2, cfg.steps, pin)
-                 for p, rng, pin in zip(corun_probes, head_split, pins, strict=True)])]
+                [p.measure.remote(rng, False, 2, cfg.steps) for p, rng in zip(corun_probes, head_split, strict=True)])]
             run["baselines"] = baselines(b_head)
             runs.append(run)
     results["headline"] = _headline(runs, s_head, b_head, cfg.cores)
-    results["by_transport"], results["unpinned"] = {}, {}
-    for v in variants:
-        row = {**_headline([{**r, "pipeline": r["pipelines"][v]} for r in runs], s_head, b_head, cfg.cores),
-               "idle_cores": idle[v]}
-        if v == unpinned:
-            results["unpinned"] = {"variant": v, **row}
-        else:
-            results["by_transport"][v] = row
+    results["by_transport"] = {t: {**_headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
+                                               cfg.cores), "idle_cores": idle[t]} for t in cfg.pipeline_transports}
     # 2b. Balance: the headline's S by measured layer times (--balance auto) against the even split, with the
     # slowest / mean stage of each, and one pipeline run of the balanced split (its own actors, measured right
     # after the even split's last repeat).

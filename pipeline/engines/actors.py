@@ -1,10 +1,9 @@
 """The one place a pipeline stage becomes a Ray actor, and Ray's errors become lamina's.
 
-`pipeline.stage.Stage` is a plain class. Inside an actor it needs four things more, added here and
+`pipeline.stage.Stage` is a plain class. Inside an actor it needs three things more, added here and
 nowhere else: the actor's CPU reservation as its thread budget, its gauges (pipeline/telemetry/gauges.py),
-the node it landed on in `info()`, and the cores its stepping thread runs on (`pin`, pipeline/cores.py).
-The placement (which bundle, which name, how many GPUs, which cores) is the caller's:
-pipeline/engines/placement.py.
+and the node it landed on in `info()`. The placement (which bundle, which name, how many GPUs) is the
+caller's: pipeline/engines/placement.py.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +21,6 @@ import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline import cores
 from pipeline.allocator import WORKER_ENV
 from pipeline.checkpoints import CheckpointStore
 from pipeline.engines import channel
@@ -79,9 +76,6 @@ class _StageActor(Stage):
         self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
         self._spawned = 0  # followers started so far: each gets a fresh name
         self._direct: StepReport | BaseException | None = None  # step_direct's report, until take_report
-        self._cores: list[tuple[int, ...] | None] = []  # each replica's cores (`pin`); [] or None: not pinned
-        self._pinned: set[int] = set()  # the threads that stepped here since `pin`, pinned to this one's cores
-        self._followers_at: list[tuple[str, tuple[int, ...]]] = []  # each follower's node and available cores
         # The shm transport's channel ends: input, output (None at the top), results to the driver.
         self._shm: tuple[channel.Reader | None, channel.Writer | None, channel.Writer | None] = (None, None, None)
         if replicas is not None:
@@ -92,23 +86,8 @@ class _StageActor(Stage):
         return f"{self.name} layers {[k + 1 for k in self.layers]} on {self.device}"
 
     def info(self) -> dict[str, Any]:
-        """Stage.info(), with the node, and where each of the stage's processes runs: (node, the cores it may
-        use), replica 0 first."""
-        node = ray.get_runtime_context().get_node_id()
-        return {**super().info(), "node_id": node, "replicas": len(self.followers) + 1,
-                "processes": [(node, cores.available()), *self._followers_at]}
-
-    def pin(self, per_replica: list[tuple[int, ...] | None]) -> None:
-        """Step on these cores from now on (pipeline/cores.py): replica r's on per_replica[r], None: anywhere.
-        Applied in whichever thread steps next: a loop's thread of its own, or the actor's."""
-        self._cores, self._pinned = list(per_replica), set()
-        self._wait([f.pin.remote([c]) for f, c in zip(self.followers, per_replica[1:], strict=True)])
-
-    def _pin_here(self) -> None:
-        own = self._cores[0] if self._cores else None
-        if own and threading.get_ident() not in self._pinned:
-            cores.pin_thread(own)
-            self._pinned.add(threading.get_ident())
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id(),
+                "replicas": len(self.followers) + 1}
 
     # [Note: replica groups]
     # A stage of R replicas is one stage actor to the driver and to every transport: replica 0. It starts the
@@ -123,7 +102,6 @@ class _StageActor(Stage):
 
     def step(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True, as_tensor: bool = False,
              into: Any = None) -> tuple[Any, StepReport]:
-        self._pin_here()
         if not self.followers:
             return super().step(m, x, emit, as_tensor, into)
         size = len(self.followers) + 1
@@ -155,7 +133,6 @@ class _StageActor(Stage):
 
     def replica_step(self, m: int, x: np.ndarray, emit: bool) -> None:
         """Replica r's part of a step: its share in, the whole batch's loss and gradient, nothing out."""
-        self._pin_here()
         super().step(m, x, emit)
 
     def join_group(self, address: str, rank: int, size: int, timeout_s: float) -> None:
@@ -190,8 +167,8 @@ class _StageActor(Stage):
         node, else on this node's address."""
         assert self.replicas is not None
         here = ray.get_runtime_context().get_node_id()
-        self._followers_at = [i["processes"][0] for i in ray.get([f.info.remote() for f in self.followers])]
-        host = "127.0.0.1" if all(n == here for n, _ in self._followers_at) else ray.util.get_node_ip_address()
+        nodes = [info["node_id"] for info in ray.get([f.info.remote() for f in self.followers])]
+        host = "127.0.0.1" if all(n == here for n in nodes) else ray.util.get_node_ip_address()
         address, size = f"{host}:{free_port(host)}", len(self.followers) + 1
         refs = [f.join_group.remote(address, r, size, self.replicas.timeout_s) for r, f in enumerate(self.followers, 1)]
         self.join_group(address, 0, size, self.replicas.timeout_s)
@@ -208,8 +185,6 @@ class _StageActor(Stage):
                 self.followers[r - 1] = self._spawn(r)
                 logger.warning("%s: replica %d replaced", self.name, r)
         self._form_group()
-        if self._cores:
-            self.pin(self._cores)  # a replacement takes its predecessor's cores
 
     def _wait(self, refs: list[Any]) -> None:
         """The other replicas' part of a call; a replica gone is ReplicaLost (the driver recovers the stage)."""

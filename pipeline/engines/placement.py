@@ -28,7 +28,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
 
-from pipeline import cores, storage
+from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.engines.actors import NAMESPACE, PING_TIMEOUT_S, Replicas, get, stage_actor_class
 from pipeline.engines.balance import device_memory_gb, measure_layers, replica_counts, stage_ranges
@@ -93,7 +93,6 @@ class StageActors:
         self.names = [f"lamina-{self.run_id}-stage{k}" for k in range(len(self.ranges))]
         self.handles: list[Any] = []  # ActorHandle of each stage
         self.info: list[dict[str, Any]] = []  # Stage.info() of each: node, device, layers, pid
-        self.pinned: list[list[tuple[int, ...] | None]] = []  # each stage's cores, per replica (--pin-cpus)
         self.pg: PlacementGroup | None = None
         self.gpus = 0.0  # GPUs per stage (set by start)
         self.replicas = [1] * len(self.ranges)  # each stage's replica count (set by start)
@@ -149,39 +148,10 @@ class StageActors:
                 if attempt + 1 == STARTS:
                     raise
                 logger.warning("%s while starting; replacing it", e)
-        self._pin()
-        for i, pinned in zip(self.info, self.pinned, strict=True):
-            logger.info("%s: layers %s on node %s (%s, %d thread(s)%s%s)", i["name"], [k + 1 for k in i["layers"]],
+        for i in self.info:
+            logger.info("%s: layers %s on node %s (%s, %d thread(s)%s)", i["name"], [k + 1 for k in i["layers"]],
                         i["node_id"][:8], i["device"], i["threads"],
-                        f", {i['replicas']} replicas" if i["replicas"] > 1 else "",
-                        f", cores {' / '.join(','.join(map(str, c)) if c else 'any' for c in pinned)}" if any(pinned) else "")
-
-    def _pin(self) -> None:
-        """Give each stage's stepping threads cores of their own where they fit (pipeline/cores.py)."""
-        mode, n = self.cfg.pin_cpus, len(self.info)
-        self.pinned = [[None] * i["replicas"] for i in self.info]
-        if mode == "off" or (mode == "auto" and sum(node["Alive"] for node in ray.nodes()) > 1):
-            return
-        processes = [(k, node, i["threads"], tuple(avail)) for k, i in enumerate(self.info)
-                     for node, avail in i["processes"]]
-        here, registry = ray.get_runtime_context().get_node_id(), cores.Registry()
-        try:
-            with registry.locked():  # this node's cores that other runs' stages hold are not planned
-                held = registry.held()
-                if held:
-                    logger.info("--pin-cpus: cores %s of this node are held by another run's stages", sorted(held))
-                node_cores: dict[str, tuple[int, ...]] = {}
-                for _, node, _, avail in processes:
-                    node_cores.setdefault(node, tuple(c for c in avail if node != here or c not in held))
-                got = cores.plan([(node, threads) for _, node, threads, _ in processes], node_cores)
-                registry.claim(self.run_id, (c for (_, node, *_), block in zip(processes, got, strict=True)
-                                             if node == here and block for c in block))
-        except OSError as e:  # pinning without the record could take another run's cores: none, then
-            logger.warning("--pin-cpus: stages not pinned: this node's record of pinned cores is out of reach (%s)", e)
-            return
-        self.pinned = [[c for (j, *_), c in zip(processes, got, strict=True) if j == k] for k in range(n)]
-        for k, ref in enumerate([h.pin.remote(p) for h, p in zip(self.handles, self.pinned, strict=True)]):
-            get(ref, k, None, self.names[k])
+                        f", {i['replicas']} replicas" if i["replicas"] > 1 else "")
 
     def _replica_counts(self) -> list[int]:
         """Each stage's replica count (--replicas); `auto` measures the stages' step times and counts the
@@ -256,8 +226,6 @@ class StageActors:
             self.handles[k] = self._spawn(k)
             self.info[k] = get(self.handles[k].info.remote(), k, None, self.names[k], _first_answer)
             logger.warning("stage %d replaced by %s (pid %d)", k, self.names[k], self.info[k]["pid"])
-        if dead:
-            self._pin()
 
     def alive(self, k: int) -> bool:
         try:
@@ -275,8 +243,6 @@ class StageActors:
             except RayError as e:  # already dead: nothing to free
                 logger.debug("kill: %s", e)
         self.handles = []
-        if any(any(p) for p in self.pinned):
-            cores.Registry().release(self.run_id)
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
