@@ -31,6 +31,7 @@ import torch
 from pipeline.allocator import keep_freed_memory
 from pipeline.checkpoints import CheckpointStore, Ledger, Part
 from pipeline.errors import CheckpointError, StageError
+from pipeline.slack import GiveWay
 from workers.learner import Learner, LearnerSpec, LearnerStack
 from workers.replicas import ReplicaGroup, ReplicaLost
 
@@ -142,6 +143,7 @@ class Stage:
         self.window = BusyWindow()
         self._report = report  # where each StepReport also goes (the actor's gauges), besides the caller
         self.group: ReplicaGroup | None = None  # this stage's replica group, when it runs as R > 1 replicas
+        self.give_way: GiveWay | None = None  # set by a host whose stages give way while they have slack
 
     def set_group(self, group: ReplicaGroup | None) -> None:
         """Run as one replica of a group (workers/replicas.py): `step` is then given this replica's share of
@@ -157,7 +159,7 @@ class Stage:
         transport that carries tensors itself); `into` (shape, dtype) gives the host memory to write it in
         ([Note: emitting into a slot] in workers/learner.py). A replica is given its share of the clips
         (workers/replicas.py `share`) and returns the whole micro-batch's output."""
-        start = time.time()
+        start, cpu = time.time(), time.thread_time()
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
             # replicas gather their output anew: theirs is not made where it goes
@@ -188,6 +190,8 @@ class Stage:
         self.ledger.add(m)
         end = time.time()
         rate, busy = self.window.add(start, end)
+        if self.give_way is not None:
+            self.give_way.step(start, end, time.thread_time() - cpu)
         layers = tuple(LayerReport(layer, **mt) for layer, mt in zip(self.layers, metrics, strict=True))
         report = StepReport(self.index, m, layers, start, end, rate, busy)
         if self._report is not None:

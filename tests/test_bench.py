@@ -167,3 +167,15 @@ def test_the_replica_breakdown_times_alone_halves_and_replicas(capsys: pytest.Ca
                                                        "2 replicas"]
     gathers = [float(v) for v in rows[2].split("|")[3].split("/")]
     assert len(gathers) == 2 and all(v > 0 for v in gathers)  # both replicas spent time inside the gathers
+
+
+def test_the_slack_bench_runs_pairs_with_and_without_giving_way(ray_local: str) -> None:
+    from pipeline.bench import slack
+
+    rows = slack.run(TINY, 1, 3, "shm", 2)
+    assert len(rows) == 1 and rows[0]["t_iso_s"] > 0
+    for way in ("on", "off"):
+        assert rows[0][way]["rate"] > 0 and len(rows[0][way]["policies"]) == 2
+    assert "idle" not in rows[0]["off"]["policies"]  # off: never
+    text = slack.table(rows, TINY, "shm", 2)
+    assert "| 1 |" in text and "on / off: median" in text

@@ -21,6 +21,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipeline import slack
 from pipeline.allocator import WORKER_ENV
 from pipeline.checkpoints import CheckpointStore
 from pipeline.engines import channel
@@ -60,7 +61,7 @@ class _StageActor(Stage):
     ([Note: replica groups])."""
 
     def __init__(self, spec: LearnerSpec, first: int, last: int, index: int, run_id: str, name: str,
-                 threads: int, device: str, replicas: Replicas | None = None) -> None:
+                 threads: int, device: str, give_way: bool, replicas: Replicas | None = None) -> None:
         # The CPU reservation is the thread budget: more threads than reserved cores would make stages sharing
         # a node steal from each other. It also fixes the kernels' reduction order, which the bit-for-bit
         # transparency test relies on (the reference runs with the same count).
@@ -71,6 +72,8 @@ class _StageActor(Stage):
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         super().__init__(spec, first, last, index, name=name, device=device,
                          report=StageGauges(run_id, index).record)
+        if give_way and slack.possible():  # pipeline/slack.py
+            self.give_way = slack.GiveWay()
         self._args = (spec, first, last, index, run_id)
         self.replicas = replicas
         self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
@@ -160,7 +163,8 @@ class _StageActor(Stage):
             num_cpus=self.replicas.cpus, num_gpus=self.replicas.gpus, max_restarts=0, max_task_retries=0,
             max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.replicas.pg, placement_group_bundle_index=self.replicas.bundles[r - 1]),
-        ).remote(spec, first, last, index, run_id, f"{self.name}-replica{r}", self.threads, str(self.device))
+        ).remote(spec, first, last, index, run_id, f"{self.name}-replica{r}", self.threads, str(self.device),
+                  self.give_way is not None)
 
     def _form_group(self) -> None:
         """Form the replica group (again): rank 0 here, listening on loopback when every replica is on this

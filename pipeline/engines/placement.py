@@ -209,7 +209,7 @@ class StageActors:
             max_restarts=0, max_task_retries=0, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
         ).remote(self.spec, first, last, k, self.run_id, self.names[k], max(1, int(self.cfg.cpus_per_stage)),
-                 "cuda" if self.gpus else "cpu", self._followers(k))
+                 "cuda" if self.gpus else "cpu", self.cfg.yield_slack == "on", self._followers(k))
 
     def replace_dead(self) -> None:
         """Replace every stage actor that does not answer, in its own bundle. The transport is reset first: a
