@@ -10,8 +10,8 @@ the time over its last STEPS steps, on a core of its own while it stepped, runs 
 SCHED_IDLE: wake-ups go to its core, and the bottleneck's is left alone. The stage still has its core
 whenever nothing else wants it. It goes back to SCHED_OTHER, at the niceness it had, once it is busy more
 than HIGH of the time (it has become the bottleneck) or once other threads hold it back for more than
-1 - SHARED of its steps. Stages that time-share cores (more stages than cores) never give way: there the
-policy only moves the waiting from one stage to another (measured 0.98x).
+1 - SHARED of its steps. Where a run places more stepping threads on a machine than it has cores, its
+stages there never give way (`fits`).
 
 Measured: `python -m pipeline.bench.slack`, S = 2 stages of the bench's network on the 2-core machine,
 pairs of runs with and without (PERFLOG.md, M14).
@@ -33,9 +33,9 @@ from collections import deque
 logger = logging.getLogger(__name__)
 
 LOW, HIGH = 0.8, 0.9  # busy fraction below which a stage gives way, above which it takes its priority back
-# ... and the fraction of its steps' time it ran on a core: above OWN it has a core of its own; a stage
-# that time-shares one with another stage (more stages than cores: giving way measured 0.98x there) or that
-# giving way has left waiting (below SHARED) keeps or takes back its priority
+# ... and the fraction of its steps' time it ran on a core: above OWN it had a core to itself; a stage that
+# other threads hold back (other tenants, or what giving way left it) below SHARED keeps or takes back its
+# priority
 OWN, SHARED = 0.9, 0.7
 STEPS = 9  # steps the busy fraction is the median over: one pause of the driver's (a barrier) does not count
 
@@ -59,6 +59,14 @@ def possible() -> bool:
     thread.start()
     thread.join()
     return bool(ok)
+
+
+def fits(threads: int) -> bool:
+    """Whether stages may give way in this process: it can take its priority back, and `threads` (the
+    stepping threads its run places on this machine) have a core each. More threads than cores time-share
+    them, and a stage at SCHED_IDLE there only moves the waiting to another stage: S = 4 on 2 cores measured
+    0.98x, the main job's 3 stages on 2 cores 0.93x (PERFLOG.md, M14)."""
+    return possible() and threads <= len(os.sched_getaffinity(0))
 
 
 class GiveWay:

@@ -72,6 +72,11 @@ def test_a_stage_that_giving_way_left_waiting_for_a_core_takes_its_priority_back
     assert got[slack.STEPS] == IDLE and got[-1] == OTHER
 
 
+def test_stages_give_way_only_where_each_stepping_thread_has_a_core() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert slack.fits(cores) and not slack.fits(cores + 1)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_npz(tmp_path_factory.mktemp("data"))
@@ -97,6 +102,8 @@ def test_in_a_pipeline_the_light_stage_gives_way_and_the_bottleneck_does_not(ray
     with StageActors(cfg, spec) as actors:
         RayPipeline(actors).train(sampler, 0, cfg.steps, calls)
         got = [stepping_policies(int(i["pid"])) for i in actors.info]
+        # Both stages on this machine: two stepping threads, each with a core where the machine has two.
+        assert [actors._node_threads(k) for k in range(2)] == ([2, 2] if yield_slack == "on" else [None, None])
     busy = [r.busy for r in calls.calls[-1][1]]  # each stage's busy fraction over its last steps
     print(busy, got)
     assert busy[0] > slack.HIGH > slack.LOW > busy[1], busy  # what the test is about: a bottleneck, and slack

@@ -61,7 +61,7 @@ class _StageActor(Stage):
     ([Note: replica groups])."""
 
     def __init__(self, spec: LearnerSpec, first: int, last: int, index: int, run_id: str, name: str,
-                 threads: int, device: str, give_way: bool, replicas: Replicas | None = None) -> None:
+                 threads: int, device: str, node_threads: int | None, replicas: Replicas | None = None) -> None:
         # The CPU reservation is the thread budget: more threads than reserved cores would make stages sharing
         # a node steal from each other. It also fixes the kernels' reduction order, which the bit-for-bit
         # transparency test relies on (the reference runs with the same count).
@@ -72,8 +72,10 @@ class _StageActor(Stage):
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         super().__init__(spec, first, last, index, name=name, device=device,
                          report=StageGauges(run_id, index).record)
-        if give_way and slack.possible():  # pipeline/slack.py
+        # node_threads: the stepping threads of the run on this stage's node; None: --yield-slack off
+        if node_threads is not None and slack.fits(node_threads):
             self.give_way = slack.GiveWay()
+        self.node_threads = node_threads
         self._args = (spec, first, last, index, run_id)
         self.replicas = replicas
         self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
@@ -164,7 +166,7 @@ class _StageActor(Stage):
             max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.replicas.pg, placement_group_bundle_index=self.replicas.bundles[r - 1]),
         ).remote(spec, first, last, index, run_id, f"{self.name}-replica{r}", self.threads, str(self.device),
-                  self.give_way is not None)
+                  self.node_threads)
 
     def _form_group(self) -> None:
         """Form the replica group (again): rank 0 here, listening on loopback when every replica is on this
