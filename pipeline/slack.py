@@ -65,7 +65,7 @@ def fits(threads: int) -> bool:
     """Whether stages may give way in this process: it can take its priority back, and `threads` (the
     stepping threads its run places on this machine) have a core each. More threads than cores time-share
     them, and a stage at SCHED_IDLE there only moves the waiting to another stage: S = 4 on 2 cores measured
-    0.98x, the main job's 3 stages on 2 cores 0.93x (PERFLOG.md, M14)."""
+    0.98x, the main job's 3 stages on 2 cores 0.97x and 0.88x (PERFLOG.md, M14)."""
     return possible() and threads <= len(os.sched_getaffinity(0))
 
 

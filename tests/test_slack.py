@@ -96,6 +96,8 @@ def stepping_policies(pid: int) -> set[int]:
 @pytest.mark.parametrize("yield_slack", ["on", "off"])
 def test_in_a_pipeline_the_light_stage_gives_way_and_the_bottleneck_does_not(ray_local: str, data: str,
                                                                               yield_slack: str) -> None:
+    if not slack.fits(2):
+        pytest.skip("fewer than 2 cores: two stages would time-share one, and never give way")
     cfg = tiny_config(data, layers="conv:64,mlp:4", size=32, clip_len=6, steps=60, transport="shm", yield_slack=yield_slack)
     spec, sampler = setup(cfg)
     calls = Recorder()

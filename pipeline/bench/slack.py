@@ -1,8 +1,8 @@
 """Stages with slack giving way (pipeline/slack.py), measured: the same pipeline with and without, in pairs.
 
-    python -m pipeline.bench.slack [--pairs 8] [--steps 40] [--transport shm]
+    python -m pipeline.bench.slack [--pairs 8] [--steps 40] [--transport shm] [--stages 2]
 
-The bench's headline pipeline (S = 2 stages of its network, B = 16) twice: one set of stage actors with
+The bench's headline pipeline (S = 2 stages of its network by default, B = 16) twice: one set of stage actors with
 `--yield-slack on`, one with `off`, both alive, run in turn, the order alternating from pair to pair, each
 pair next to the stages' isolation step times measured just before it (`lamina bench`'s [Note: efficiency]).
 Per pair: micro-batches/s, efficiency, and how long the bottleneck stage's stepping thread waited for a core
