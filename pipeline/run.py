@@ -230,5 +230,6 @@ def _status(reports: list[StepReport]) -> str:
     """Per-layer loss; with several stages also each stage's throughput and busy fraction."""
     text = " ".join(f"L{lr.layer + 1} {lr.loss:.3f}" for r in reports for lr in r.layers)
     if len(reports) > 1:
-        text += " | " + " ".join(f"S{r.stage} {r.rate:.1f}/s {r.busy:.0%}" for r in reports)
+        text += " | " + " ".join(f"S{r.stage} {r.rate:.1f}/s {r.busy:.0%}{' gives way' if r.giving_way else ''}"
+                                 for r in reports)
     return text

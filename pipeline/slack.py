@@ -76,6 +76,7 @@ class GiveWay:
         self._busy: deque[float] = deque(maxlen=STEPS)  # each step's time / the time since the last step ended
         self._ran: deque[float] = deque(maxlen=STEPS)  # each step's time on a core / its time
         self._last_end: float | None = None
+        self.idle = False  # the stepping thread's policy is SCHED_IDLE
 
     def step(self, start: float, end: float, cpu: float) -> None:
         """A step ran from `start` to `end` (seconds) in the calling thread, `cpu` seconds of it on a core: set
@@ -90,6 +91,7 @@ class GiveWay:
         policy = os.sched_getscheduler(0)
         want = (os.SCHED_OTHER if busy > HIGH or ran < SHARED else os.SCHED_IDLE if busy < LOW and ran > OWN
                 else policy)
+        self.idle = want == os.SCHED_IDLE
         if want != policy:
             os.sched_setscheduler(0, want, os.sched_param(0))
             logger.debug("busy %.2f of the time, on a core %.2f of its steps: stepping at %s", busy, ran,

@@ -59,6 +59,7 @@ class StepReport:
     end: float  # ... to output ready
     rate: float  # micro-batches per second over the stage's recent steps
     busy: float  # busy fraction over the same window
+    giving_way: bool = False  # its stepping thread runs at SCHED_IDLE: it has slack (pipeline/slack.py)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ class Stage:
         if self.give_way is not None:
             self.give_way.step(start, end, time.thread_time() - cpu)
         layers = tuple(LayerReport(layer, **mt) for layer, mt in zip(self.layers, metrics, strict=True))
-        report = StepReport(self.index, m, layers, start, end, rate, busy)
+        report = StepReport(self.index, m, layers, start, end, rate, busy,
+                            self.give_way is not None and self.give_way.idle)
         if self._report is not None:
             self._report(report)
         return y, report

@@ -33,6 +33,7 @@ def policies(steps: list[Step]) -> list[int]:
                 t = start + seconds
                 way.step(start, t, ran * seconds)
                 got.append(os.sched_getscheduler(0))
+                assert way.idle == (got[-1] == IDLE)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(e)
 
@@ -111,3 +112,5 @@ def test_in_a_pipeline_the_light_stage_gives_way_and_the_bottleneck_does_not(ray
     assert busy[0] > slack.HIGH > slack.LOW > busy[1], busy  # what the test is about: a bottleneck, and slack
     assert IDLE not in got[0]
     assert (IDLE in got[1]) == (yield_slack == "on")
+    # ... and each says so in its report (the progress line, the lamina_giving_way gauge)
+    assert [r.giving_way for r in calls.calls[-1][1]] == [False, yield_slack == "on"]

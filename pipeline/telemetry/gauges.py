@@ -7,6 +7,7 @@ Every gauge is named `lamina_<what>` (Prometheus shows it as `ray_lamina_<what>`
     set inside each stage actor, once per micro-batch, from its StepReport (pipeline/stage.py):
       lamina_loss, lamina_pos, lamina_neg, lamina_over, lamina_spread   per layer (workers/objectives.py)
       lamina_microbatches_per_s, lamina_busy_fraction                   per stage, over a sliding window
+      lamina_giving_way                                                 per stage: 1 at SCHED_IDLE
     set by the driver:
       lamina_queue_depth   micro-batches handed to the stage and not yet finished by it (its input channel)
 
@@ -35,6 +36,8 @@ LAYER_GAUGES = {
 STAGE_GAUGES = {
     "microbatches_per_s": "micro-batches the stage finished per second (sliding window)",
     "busy_fraction": "fraction of wall time the stage spent stepping (sliding window)",
+    "giving_way": "1 while the stage has slack and its stepping thread gives way to other processes "
+                  "(SCHED_IDLE, pipeline/slack.py)",
 }
 DRIVER_GAUGES = {
     "queue_depth": "micro-batches handed to the stage and not yet finished by it",
@@ -62,6 +65,7 @@ class StageGauges:
                 gauge.set(getattr(layer, name), tags=tag)
         self._stage["microbatches_per_s"].set(report.rate)
         self._stage["busy_fraction"].set(report.busy)
+        self._stage["giving_way"].set(float(report.giving_way))
 
 
 class DriverGauges:
