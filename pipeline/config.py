@@ -112,9 +112,9 @@ class TrainConfig:
                          "for every stage, one per stage, or auto (the cluster's spare devices to the slowest "
                          "stages by measured step time)", metavar="R|R1,R2,...|auto", section="ray")
     yield_slack: str = flag("on", "on: a stage busy less than 80% of the time steps at SCHED_IDLE priority, so that "
-                            "other processes wake on its core rather than the bottleneck's (where the run's stages "
-                            "on its machine have a core each and its process may go back: root or CAP_SYS_NICE; "
-                            "pipeline/slack.py); off: every stage at normal priority",
+                            "other processes wake on its core rather than the bottleneck's (stages of one thread, where "
+                            "the run's stages on its machine have a core each and its process may go back: "
+                            "CAP_SYS_NICE; pipeline/slack.py); off: every stage at normal priority",
                             choices=("on", "off"), section="ray")
     placement: str = flag("pack", "placement-group strategy: pack, or spread (one stage per node)",
                           choices=PLACEMENTS, section="ray")

@@ -1,22 +1,28 @@
-"""A stage with slack gives way: its stepping thread runs at SCHED_IDLE, so that the bottleneck keeps its core.
+"""A stage with slack gives way: it steps at SCHED_IDLE, so that the bottleneck keeps its core.
 
 In a pipeline every stage but the slowest waits for work part of the time. Where the stages fill a
 machine's cores (one core each), everything else that runs there (Ray's daemons, the driver, the machine's
 own processes) wakes on some stage's core and preempts that stage; when it is the bottleneck's core, the
 whole pipeline waits (the bench's "waiting for a core", 0.3-4.7 ms per micro-batch of a 70 ms step on the
 2-core machine). Linux places a waking thread on an idle core first, and counts a core that runs only
-SCHED_IDLE threads as idle (select_idle_sibling, sched_idle_cpu). So a stage that was busy less than LOW of
-the time over its last STEPS steps, on a core of its own while it stepped, runs its stepping thread as
-SCHED_IDLE: wake-ups go to its core, and the bottleneck's is left alone. The stage still has its core
-whenever nothing else wants it. It goes back to SCHED_OTHER, at the niceness it had, once it is busy more
-than HIGH of the time (it has become the bottleneck) or once other threads hold it back for more than
-1 - SHARED of its steps. Where a run places more stepping threads on a machine than it has cores, its
-stages there never give way (`fits`).
+SCHED_IDLE threads as idle (select_idle_sibling, sched_idle_cpu); a waiting stage's core is idle anyway.
+So a stage that was busy less than LOW of the time over its last STEPS steps, on a core through more than
+OWN of each step, runs its next steps as SCHED_IDLE: wake-ups go to its core, and the bottleneck's is left
+alone. The stage still has its core whenever nothing else wants it. It steps at its normal priority again
+once it is busy more than HIGH of the time (it has become the bottleneck), once its steps spend more than
+1 - SHARED of their time off a core (the median), and at once after a step that giving way held back so far.
+
+Only the step runs at SCHED_IDLE: the thread is back at SCHED_OTHER, at the niceness it had, for whatever
+else it does (snapshots, restores, Ray's own work), and the threads those start do not inherit the policy.
+A stage with more than one thread does not give way (its OpenMP team would stay behind), nor does one whose
+thread an operator set to another policy, nor one whose run places more stages on its machine than the
+machine has cores for it (`fits`): time-sharing a core, a stage at SCHED_IDLE only moves the waiting to
+another stage.
 
 Measured: `python -m pipeline.bench.slack`, S = 2 stages of the bench's network on the 2-core machine,
 pairs of runs with and without (PERFLOG.md, M14).
 
-Going back needs a privilege Linux gives to root, to CAP_SYS_NICE or to an RLIMIT_NICE of 20 - nice.
+Going back needs CAP_SYS_NICE (root has it, a container's root not always) or an RLIMIT_NICE of 20 - nice.
 Where a process lacks it `possible()` is false and its stages never give way: a thread that could not come
 back would starve once it became the bottleneck on a busy machine.
 """
@@ -25,19 +31,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import statistics
 import threading
 from collections import deque
+from pathlib import Path
+from types import TracebackType
 
 logger = logging.getLogger(__name__)
 
 LOW, HIGH = 0.8, 0.9  # busy fraction below which a stage gives way, above which it takes its priority back
-# ... and the fraction of its steps' time it ran on a core: above OWN it had a core to itself; a stage that
-# other threads hold back (other tenants, or what giving way left it) below SHARED keeps or takes back its
-# priority
+# ... and the fraction of a step's time it ran on a core: above OWN it had a core to itself; below SHARED
+# other threads (other tenants, or what giving way left it) held it back
 OWN, SHARED = 0.9, 0.7
-STEPS = 9  # steps the busy fraction is the median over: one pause of the driver's (a barrier) does not count
+STEPS = 9  # steps the fractions are the medians over: one pause of the driver's (a barrier) does not count
 
 
 @functools.cache  # once per process
@@ -61,38 +69,67 @@ def possible() -> bool:
     return bool(ok)
 
 
-def fits(threads: int) -> bool:
-    """Whether stages may give way in this process: it can take its priority back, and `threads` (the
-    stepping threads its run places on this machine) have a core each. More threads than cores time-share
-    them, and a stage at SCHED_IDLE there only moves the waiting to another stage: S = 4 on 2 cores measured
-    0.98x, the main job's 3 stages on 2 cores 0.97x and 0.88x (PERFLOG.md, M14)."""
-    return possible() and threads <= len(os.sched_getaffinity(0))
+def cores() -> int:
+    """The cores this process may run on: its affinity, within its cgroup's CPU quota where one is set (a
+    container's limit, which the affinity does not show)."""
+    n = len(os.sched_getaffinity(0))
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):  # cgroup v2, v1
+        try:
+            quota = Path(path).read_text().split()
+            period = quota[1] if len(quota) > 1 else Path(path).with_name("cpu.cfs_period_us").read_text()
+            if quota[0] not in ("max", "-1"):
+                n = min(n, max(1, math.ceil(int(quota[0]) / int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return n
+
+
+def fits(stages: int) -> bool:
+    """Whether stages may give way in this process: it can take its priority back, and the `stages` its run
+    places on this machine (one thread each) have a core each. S = 4 on 2 cores measured 0.98x with giving
+    way, the main job's 3 stages on 2 cores 0.97x and 0.88x (PERFLOG.md, M14)."""
+    return possible() and stages <= cores()
 
 
 class GiveWay:
-    """One stage's policy, applied to the thread that steps it (module docstring)."""
+    """One stage's policy: `record` each step, and run each step inside `with give_way:` (module docstring)."""
 
     def __init__(self) -> None:
         self._busy: deque[float] = deque(maxlen=STEPS)  # each step's time / the time since the last step ended
         self._ran: deque[float] = deque(maxlen=STEPS)  # each step's time on a core / its time
         self._last_end: float | None = None
-        self.idle = False  # the stepping thread's policy is SCHED_IDLE
+        self.idle = False  # the next steps run at SCHED_IDLE
+        self.stepped_idle = False  # the current (or the last) step ran at SCHED_IDLE
+        self._off = False  # a switch failed: the policy is left alone from then on
 
-    def step(self, start: float, end: float, cpu: float) -> None:
-        """A step ran from `start` to `end` (seconds) in the calling thread, `cpu` seconds of it on a core: set
-        that thread's policy."""
-        if self._last_end is not None and end > self._last_end:
-            self._busy.append((end - start) / (end - self._last_end))
-            self._ran.append(cpu / (end - start))
-        self._last_end = end
-        if len(self._busy) < STEPS:
+    def record(self, start: float, end: float, cpu: float) -> None:
+        """A step ran from `start` to `end` (seconds), `cpu` seconds of it on a core: decide the next steps'."""
+        last, self._last_end = self._last_end, end
+        if last is None or end <= last or end <= start:
             return
-        busy, ran = statistics.median(self._busy), statistics.median(self._ran)
-        policy = os.sched_getscheduler(0)
-        want = (os.SCHED_OTHER if busy > HIGH or ran < SHARED else os.SCHED_IDLE if busy < LOW and ran > OWN
-                else policy)
-        self.idle = want == os.SCHED_IDLE
-        if want != policy:
-            os.sched_setscheduler(0, want, os.sched_param(0))
-            logger.debug("busy %.2f of the time, on a core %.2f of its steps: stepping at %s", busy, ran,
-                         "SCHED_IDLE" if want == os.SCHED_IDLE else "SCHED_OTHER")
+        self._busy.append((end - start) / (end - last))
+        self._ran.append(cpu / (end - start))
+        if self.idle and self._ran[-1] < SHARED:  # giving way held this step back: not the next one
+            self.idle = False
+        elif len(self._busy) == STEPS:
+            busy, ran = statistics.median(self._busy), statistics.median(self._ran)
+            if busy > HIGH or ran < SHARED:
+                self.idle = False
+            elif busy < LOW and ran > OWN:
+                self.idle = True
+
+    def __enter__(self) -> None:
+        self.stepped_idle = self.idle and not self._off and os.sched_getscheduler(0) == os.SCHED_OTHER
+        if self.stepped_idle:  # (a thread an operator set to another policy is left as it is)
+            self._set(os.SCHED_IDLE)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self.stepped_idle:
+            self._set(os.SCHED_OTHER)
+
+    def _set(self, policy: int) -> None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError as e:  # the privilege was taken away since `possible`: stay at the normal priority
+            logger.warning("a stage with slack stops giving way: %s", e)
+            self._off, self.idle = True, False

@@ -17,6 +17,7 @@ A stage adds to its learners only what running in a pipeline needs:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -161,6 +162,23 @@ class Stage:
         ([Note: emitting into a slot] in workers/learner.py). A replica is given its share of the clips
         (workers/replicas.py `share`) and returns the whole micro-batch's output."""
         start, cpu = time.time(), time.thread_time()
+        with self.give_way or contextlib.nullcontext():  # a stage with slack steps at SCHED_IDLE (pipeline/slack.py)
+            y, metrics = self._compute(m, x, emit, as_tensor, into)
+        self.ledger.add(m)
+        end = time.time()
+        rate, busy = self.window.add(start, end)
+        if self.give_way is not None:
+            self.give_way.record(start, end, time.thread_time() - cpu)
+        layers = tuple(LayerReport(layer, **mt) for layer, mt in zip(self.layers, metrics, strict=True))
+        report = StepReport(self.index, m, layers, start, end, rate, busy,
+                            self.give_way is not None and self.give_way.stepped_idle)
+        if self._report is not None:
+            self._report(report)
+        return y, report
+
+    def _compute(self, m: int, x: np.ndarray | torch.Tensor, emit: bool, as_tensor: bool,
+                 into: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None) -> tuple[Any, list[dict[str, float]]]:
+        """`step`'s work: the output (see there) and each learner's metrics."""
         try:
             xt = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
             # replicas gather their output anew: theirs is not made where it goes
@@ -188,17 +206,7 @@ class Stage:
             raise  # a replica of this stage is gone: not the stage's doing, the driver recovers it
         except Exception as e:
             raise StageError(self.index, m, e, self.name) from e
-        self.ledger.add(m)
-        end = time.time()
-        rate, busy = self.window.add(start, end)
-        if self.give_way is not None:
-            self.give_way.step(start, end, time.thread_time() - cpu)
-        layers = tuple(LayerReport(layer, **mt) for layer, mt in zip(self.layers, metrics, strict=True))
-        report = StepReport(self.index, m, layers, start, end, rate, busy,
-                            self.give_way is not None and self.give_way.idle)
-        if self._report is not None:
-            self._report(report)
-        return y, report
+        return y, metrics
 
     def hop(self, msg: Hop, emit: bool = True,
             into: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,

@@ -212,7 +212,7 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     stage_cpu: list[float] = []
     threads0: list[dict[int, tuple[float, float]]] = []
     step_cpu: list[tuple[float, float]] = []  # each stage's busiest thread (the one that steps): run, wait
-    step_tids: list[int] = []  # and its id
+    giving_way: dict[int, list[bool]] = {}  # per stage, whether each step gave way (pipeline/slack.py)
     pids = [int(i["pid"]) for i in pipe.actors.info]  # Stage.info(), bottom to top
     first, stop = start + warmup, start + warmup + steps + 1
 
@@ -225,13 +225,12 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
             stage_cpu.extend(meter.cpu_of(pids))
             for p, t0 in zip(pids, threads0, strict=True):
                 ran = {t: (r - t0[t][0], w - t0[t][1]) for t, (r, w) in meter.threads_of(p).items() if t in t0}
-                tid = max(ran, key=lambda t: ran[t][0], default=-1)
-                step_cpu.append(ran.get(tid, (float("nan"), float("nan"))))
-                step_tids.append(tid)
+                step_cpu.append(max(ran.values(), default=(float("nan"), float("nan"))))
             cores.update(meter.cores())
         if m > first:
             for r in reports:  # one StepReport per stage
                 busy.setdefault(r.stage, []).append(r.end - r.start)
+                giving_way.setdefault(r.stage, []).append(r.giving_way)
 
     pipe.train(sampler, start, stop, on_step)
     rate = steps / (ends[stop - 1] - ends[first])
@@ -242,4 +241,5 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     # other threads of the process taking CPU; and how long that thread waited for a core.
     return {"rate": rate, "busy_s": busy_s, "busy_fraction": [rate * b for b in busy_s], "cores": cores,
             "cpu_per_mb_s": [c / steps for c in stage_cpu], "step_cpu_per_mb_s": [r / steps for r, _ in step_cpu],
-            "step_wait_per_mb_s": [w / steps for _, w in step_cpu], "step_tids": step_tids}
+            "step_wait_per_mb_s": [w / steps for _, w in step_cpu],
+            "giving_way": [statistics.mean(giving_way[k]) for k in sorted(giving_way)]}

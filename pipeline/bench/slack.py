@@ -5,15 +5,14 @@
 The bench's headline pipeline (S = 2 stages of its network by default, B = 16) twice: one set of stage actors with
 `--yield-slack on`, one with `off`, both alive, run in turn, the order alternating from pair to pair, each
 pair next to the stages' isolation step times measured just before it (`lamina bench`'s [Note: efficiency]).
-Per pair: micro-batches/s, efficiency, and how long the bottleneck stage's stepping thread waited for a core
-per micro-batch; and which policy each stage's stepping thread ended the run with.
+Per pair: micro-batches/s, efficiency, how long the bottleneck stage's stepping thread waited for a core per
+micro-batch, and the fraction of each stage's steps that gave way.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -23,19 +22,6 @@ import ray
 
 from pipeline.bench.measure import StageProbe, actor, pipeline_run
 from pipeline.bench.suite import QUICK, BenchConfig, split
-
-POLICIES = {os.SCHED_OTHER: "other", getattr(os, "SCHED_IDLE", -1): "idle"}
-
-
-def policies(tids: Sequence[int]) -> list[str]:
-    """The scheduling policy of each of these threads (each stage's stepping thread, bottom to top)."""
-    out = []
-    for tid in tids:
-        try:
-            out.append(POLICIES.get(os.sched_getscheduler(tid), "?"))
-        except OSError:  # gone
-            out.append("?")
-    return out
 
 
 def run(cfg: BenchConfig, pairs: int, steps: int, transport: str, stages: int) -> list[dict[str, Any]]:
@@ -68,7 +54,7 @@ def run(cfg: BenchConfig, pairs: int, steps: int, transport: str, stages: int) -
                 b = max(range(stages), key=lambda j: got["busy_s"][j])
                 row[way] = {"rate": got["rate"], "efficiency": got["rate"] * t_iso,
                             "wait_ms": got["step_wait_per_mb_s"][b] * 1e3,
-                            "policies": policies(got["step_tids"])}
+                            "giving_way": got["giving_way"]}
             rows.append(row)
             logging.getLogger(__name__).info("pair %d/%d: on / off %.3f", k + 1, pairs,
                                              row["on"]["rate"] / row["off"]["rate"])
@@ -82,12 +68,12 @@ def table(rows: Sequence[dict[str, Any]], cfg: BenchConfig, transport: str, stag
     lines = [(f"## Stages with slack giving way: --yield-slack on against off (S = {stages}, B = {cfg.clips}, "
              f"--transport {transport}, {len(rows)} pairs)"), "",
              ("| pair | t_iso (ms) | mb/s on / off | on / off | efficiency on / off | bottleneck waiting for a core, "
-             "ms per micro-batch, on / off | stepping threads' policy, on |"), "|---|---|---|---|---|---|---|"]
+             "ms per micro-batch, on / off | steps given way, per stage, on |"), "|---|---|---|---|---|---|---|"]
     for k, (r, q) in enumerate(zip(rows, ratios, strict=True)):
         on, off = r["on"], r["off"]
         lines.append(f"| {k + 1} | {r['t_iso_s'] * 1e3:.1f} | {on['rate']:.2f} / {off['rate']:.2f} | {q:.3f} | "
                      f"{on['efficiency']:.3f} / {off['efficiency']:.3f} | {on['wait_ms']:.2f} / {off['wait_ms']:.2f} | "
-                     f"{' / '.join(on['policies'])} |")
+                     f"{' / '.join(f'{g:.2f}' for g in on['giving_way'])} |")
     lines += ["", (f"on / off: median {med(ratios):.3f}, on ahead in {sum(q > 1 for q in ratios)} of {len(rows)}; "
               f"efficiency median {med(r['on']['efficiency'] for r in rows):.3f} on, "
               f"{med(r['off']['efficiency'] for r in rows):.3f} off; the bottleneck waited "

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util.placement_group import get_current_placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline import slack
@@ -56,12 +57,21 @@ class TransferLost(RuntimeError):
     load). The stage's state is intact but the pipeline's order is broken: recovered as a lost stage."""
 
 
+def _stages_here() -> int:
+    """The bundles (stages and replicas, one thread each) of this actor's placement group on its node."""
+    pg = get_current_placement_group()
+    if pg is None:
+        return 1
+    here = ray.get_runtime_context().get_node_id()
+    return sum(node == here for node in placement_group_table(pg)["bundles_to_node_id"].values())
+
+
 class _StageActor(Stage):
     """A stage in a Ray actor. With `replicas`, it is replica 0 of its stage and drives the others
     ([Note: replica groups])."""
 
     def __init__(self, spec: LearnerSpec, first: int, last: int, index: int, run_id: str, name: str,
-                 threads: int, device: str, node_threads: int | None, replicas: Replicas | None = None) -> None:
+                 threads: int, device: str, give_way: bool, replicas: Replicas | None = None) -> None:
         # The CPU reservation is the thread budget: more threads than reserved cores would make stages sharing
         # a node steal from each other. It also fixes the kernels' reduction order, which the bit-for-bit
         # transparency test relies on (the reference runs with the same count).
@@ -72,10 +82,9 @@ class _StageActor(Stage):
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         super().__init__(spec, first, last, index, name=name, device=device,
                          report=StageGauges(run_id, index).record)
-        # node_threads: the stepping threads of the run on this stage's node; None: --yield-slack off
-        if node_threads is not None and slack.fits(node_threads):
+        if give_way and threads == 1 and slack.fits(_stages_here()):  # --yield-slack (pipeline/slack.py)
             self.give_way = slack.GiveWay()
-        self.node_threads = node_threads
+        self._may_give_way = give_way
         self._args = (spec, first, last, index, run_id)
         self.replicas = replicas
         self.followers: list[Any] = []  # replicas 1 .. R-1, driven by this one
@@ -166,7 +175,7 @@ class _StageActor(Stage):
             max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.replicas.pg, placement_group_bundle_index=self.replicas.bundles[r - 1]),
         ).remote(spec, first, last, index, run_id, f"{self.name}-replica{r}", self.threads, str(self.device),
-                  self.node_threads)
+                  self._may_give_way)
 
     def _form_group(self) -> None:
         """Form the replica group (again): rank 0 here, listening on loopback when every replica is on this

@@ -208,20 +208,8 @@ class StageActors:
             # initial state; the driver replaces it and restores a checkpoint instead ([Note: recovery]).
             max_restarts=0, max_task_retries=0, max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
-        ).remote(self.spec, first, last, k, self.run_id, self.names[k], self._threads(),
-                 "cuda" if self.gpus else "cpu", self._node_threads(k), self._followers(k))
-
-    def _threads(self) -> int:
-        return max(1, int(self.cfg.cpus_per_stage))
-
-    def _node_threads(self, k: int) -> int | None:
-        """The stepping threads this run places on stage k's node, every replica's counted (pipeline/slack.py);
-        None with --yield-slack off."""
-        if self.cfg.yield_slack == "off":
-            return None
-        assert self.pg is not None
-        bundles = placement_group_table(self.pg)["bundles_to_node_id"]
-        return self._threads() * sum(node == bundles[k] for node in bundles.values())
+        ).remote(self.spec, first, last, k, self.run_id, self.names[k], max(1, int(self.cfg.cpus_per_stage)),
+                 "cuda" if self.gpus else "cpu", self.cfg.yield_slack == "on", self._followers(k))
 
     def replace_dead(self) -> None:
         """Replace every stage actor that does not answer, in its own bundle. The transport is reset first: a
