@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("object-store", "direct", "compiled-graph", "shm")
 # `--transport auto`, per device kind, from `lamina bench` on this project's 2-core machine (PERFLOG, 2026-11-30
-# S1-S5 and M1-M14): shm ran S = 2 ahead of the object store in twelve of thirteen side-by-side runs since its
-# loop's thread stopped faulting its memory in every step (1.02x-1.09x, the thirteenth 0.996x: M12-M14; before
+# S1-S5 and M1-M14): shm ran S = 2 ahead of the object store in thirteen of fourteen side-by-side runs since its
+# loop's thread stopped faulting its memory in every step (1.02x-1.09x, the fourteenth 0.996x: M12-M14; before
 # that in nine of twelve, the three behind ones in runs whose shm first stage stepped up to 1.4x slower than
 # alone: M12's arena), kept the bottleneck stage busy 0.99-1.02 of the time, hands an output over with no
 # copy (the stage makes it in the next stage's slot: 1.2-2.3x a memcpy at 1 MB, the object store's over 70x),
