@@ -60,7 +60,7 @@ class StepReport:
     end: float  # ... to output ready
     rate: float  # micro-batches per second over the stage's recent steps
     busy: float  # busy fraction over the same window
-    giving_way: bool = False  # its stepping thread runs at SCHED_IDLE: it has slack (pipeline/slack.py)
+    giving_way: bool = False  # this step ran at SCHED_IDLE: the stage has slack (pipeline/slack.py)
 
 
 @dataclass(frozen=True)
