@@ -180,3 +180,18 @@ def test_the_slack_bench_runs_pairs_with_and_without_giving_way(ray_local: str) 
     assert rows[0]["off"]["giving_way"] == [0, 0]  # off: never
     text = slack.table(rows, TINY, "shm", 2)
     assert "| 1 |" in text and "on / off: median" in text
+
+
+def test_the_driver_bench_fits_the_paced_drivers_cost_per_stage(ray_local: str, tmp_path: Path) -> None:
+    from pipeline.bench import driver
+
+    a, b = driver.fit([(2, 1.0e-3), (4, 1.5e-3), (8, 2.5e-3)])
+    assert (a, b) == pytest.approx((0.5e-3, 0.25e-3))
+    got = driver.paced(2, "shm", 6, 3, driver.tiny_data(str(tmp_path)))
+    assert got["wall_per_mb_s"] > 0 and got["cpu_per_mb_s"] > 0
+    assert got["awake_per_mb_s"] > 0  # the driver's sleeps fell inside the window, and were taken out of it
+    more = {**got, "cpu_per_mb_s": got["cpu_per_mb_s"] + 1e-3}  # 1 ms more at S = 4: b = 0.5 ms per stage
+    text = driver.table({"shm": {2: got, 4: more}}, 6)
+    assert "| shm | 2 |" in text and "| shm | 4 |" in text
+    a = got["cpu_per_mb_s"] - 1e-3
+    assert text.splitlines()[-1] == f"| shm | {a * 1e3:.2f} | 0.500 | {1 / (a + 4e-3):.0f} / {1 / (a + 32e-3):.0f} / {1 / (a + 128e-3):.0f} |"
