@@ -137,6 +137,32 @@ def test_a_replacement_that_never_starts_is_a_lost_stage_not_a_driver_waiting_fo
     assert info.value.stage == 1 and isinstance(info.value.cause, GetTimeoutError)
 
 
+def test_dead_stages_are_replaced_all_at_once(ray_local: str, data: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Direct Transport's recovery replaces every stage. Started one after the other, each replacement waited
+    # for the one before to answer: under two busy loops on 2 cores an actor start took about 95 s, and a
+    # recovery of 3 stages took longer than the test's time limit. Every replacement starts before the
+    # driver waits for any.
+    cfg = small(data, tmp_path, steps=4)
+    spec, _ = setup(cfg)
+    with StageActors(cfg, spec) as actors:
+        old = list(actors.handles)
+        for k in (0, 2):
+            ray.kill(actors.handles[k])
+        started: list[list[bool]] = []  # which stages had a new actor when the driver first waited for one
+        first_answer = placement._first_answer
+
+        def watch(ref: Any) -> Any:
+            started.append([h is not o for h, o in zip(actors.handles, old, strict=True)])
+            return first_answer(ref)
+
+        monkeypatch.setattr(placement, "_first_answer", watch)
+        actors.replace_dead()
+        assert started[0] == [True, False, True]
+        assert [h is not o for h, o in zip(actors.handles, old, strict=True)] == [True, False, True]
+        assert actors._dead() == []
+
+
 def test_a_stop_request_checkpoints_and_resume_equals_the_uninterrupted_run(ray_local: str, data: str,
                                                                             tmp_path: Path) -> None:
     cfg = small(data, tmp_path, steps=14, checkpoint_every=0)

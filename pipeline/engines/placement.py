@@ -213,9 +213,11 @@ class StageActors:
 
     def replace_dead(self) -> None:
         """Replace every stage actor that does not answer, in its own bundle. The transport is reset first: a
-        compiled graph over the old set of actors is torn down, and compiled again over the new one."""
+        compiled graph over the old set of actors is torn down, and compiled again over the new one. The
+        stages are asked and their replacements started all at once, then waited for: a recovery that
+        replaces every stage (Direct Transport's) takes one actor start, not one per stage."""
         self.transport.reset()
-        dead = [k for k in range(len(self.handles)) if not self.alive(k)]
+        dead = self._dead()
         if dead:
             self._generation += 1
         for k in dead:
@@ -224,15 +226,22 @@ class StageActors:
             except RayError as e:
                 logger.debug("kill: %s", e)
             self.handles[k] = self._spawn(k)
-            self.info[k] = get(self.handles[k].info.remote(), k, None, self.names[k], _first_answer)
+        answers = {k: self.handles[k].info.remote() for k in dead}
+        for k in dead:
+            self.info[k] = get(answers[k], k, None, self.names[k], _first_answer)
             logger.warning("stage %d replaced by %s (pid %d)", k, self.names[k], self.info[k]["pid"])
 
-    def alive(self, k: int) -> bool:
-        try:
-            ray.get(self.handles[k].info.remote(), timeout=PING_TIMEOUT_S)
-            return True
-        except (RayError, GetTimeoutError):
-            return False
+    def _dead(self) -> list[int]:
+        """The stages whose actor does not answer within PING_TIMEOUT_S (all asked at once)."""
+        answers = [h.info.remote() for h in self.handles]
+        deadline = time.monotonic() + PING_TIMEOUT_S
+        dead = []
+        for k, ref in enumerate(answers):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except (RayError, GetTimeoutError):
+                dead.append(k)
+        return dead
 
     def close(self) -> None:
         """Kill every stage actor and free the placement group; safe to call twice."""
