@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from support import (
 from pipeline.checkpoints import CheckpointStore
 from pipeline.config import TrainConfig
 from pipeline.control import RunControl
-from pipeline.engines import shm, transport
+from pipeline.engines import compiled_graph, shm, transport
 from pipeline.engines.actors import TransferLost, get
 from pipeline.engines.placement import StageActors
 from pipeline.engines.ray_engine import RayPipeline, run_ray
@@ -177,6 +178,40 @@ def test_a_lost_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str, 
     final = store.load_latest()
     assert final is not None and final.step == cfg.steps and all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
     assert run_actors(pipe.actors.run_id) == []
+
+
+@ray.remote
+class _Looping:
+    def loop(self) -> None:
+        time.sleep(3600)
+
+
+class _StuckGraph:
+    """What Ray's teardown does with a stage loop that does not stop, unless it kills the actors: it waits
+    for the loop, without end."""
+
+    def __init__(self, actor: Any) -> None:
+        self.worker_task_refs = {actor: actor.loop.remote()}
+
+    def teardown(self, kill_actors: bool) -> None:
+        ray.get(list(self.worker_task_refs.values()))
+
+
+def test_a_graph_loop_that_never_stops_is_killed_not_waited_for(ray_local: str, data: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A recovery tears the graph down without killing the survivors. Ray's teardown then waits for every
+    # loop to end, and for one that does not, forever: the driver kills it after CANCEL_S + TEARDOWN_S
+    # instead, and the replacement of dead actors that follows replaces it.
+    monkeypatch.setattr(compiled_graph, "CANCEL_S", 1)
+    monkeypatch.setattr(compiled_graph, "TEARDOWN_S", 1)
+    with StageActors(tiny_config(data, transport=CG), setup(tiny_config(data))[0]) as actors:
+        stuck = _Looping.remote()
+        graph = _StuckGraph(stuck)
+        actors.transport._graph = graph  # type: ignore[attr-defined]
+        actors.transport.reset()
+        assert not actors.transport._opened()  # type: ignore[attr-defined]
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            ray.get(graph.worker_task_refs[stuck], timeout=60)
 
 
 def test_an_input_that_never_arrived_is_a_lost_stage_not_a_stage_error(ray_local: str) -> None:

@@ -12,6 +12,7 @@ before the replay. A survivor whose graph loop does not stop within TEARDOWN_S i
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engines.actors import get
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TEARDOWN_S = 5  # how long a survivor's graph loop may take to stop before it is killed and replaced
+CANCEL_S = 30  # how long Ray's teardown waits for each stage to take its cancellation
 
 
 class CompiledGraphTransport(InBandTransport):
@@ -137,23 +139,34 @@ class CompiledGraphTransport(InBandTransport):
         quiet = logging.getLogger("ray.dag.compiled_dag_node")
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)  # a dead actor's loop cannot be cancelled: Ray logs a traceback per actor
+        # Ray's teardown, left alone, waits for a loop that does not stop without end (after its timeout it
+        # waits again, unbounded, unless it kills the actors): it runs in a thread of its own, and a loop
+        # still running after CANCEL_S + TEARDOWN_S has its actor killed, which ends that wait.
+        tearing = threading.Thread(target=_teardown_graph, args=(graph, kill), name="lamina-graph-teardown",
+                                   daemon=True)
         try:
-            graph.teardown(kill_actors=kill)
-        except Exception as e:  # noqa: BLE001 - a broken graph may fail to tear down; its actors are checked next
-            logger.warning("compiled graph teardown: %s", e)
+            tearing.start()
+            tearing.join(CANCEL_S + TEARDOWN_S)
+            for actor, ref in getattr(graph, "worker_task_refs", {}).items():
+                if not kill and not ray.wait([ref], timeout=0)[0]:
+                    logger.warning("a stage's compiled-graph loop did not stop within %gs: killing it", TEARDOWN_S)
+                    ray.kill(actor, no_restart=True)
+            tearing.join(CANCEL_S + TEARDOWN_S)
+            if tearing.is_alive():
+                logger.warning("the compiled graph's teardown has not ended; going on without it")
         finally:
             ctx.teardown_timeout = saved
             quiet.setLevel(level)
         # The results in flight are dropped after the teardown: a result of a live graph releases its buffer
         # when dropped, which raises (and Ray prints, unraisable) once a lost stage has closed the channels.
         self.abandon()
-        if kill:
-            return
-        for actor, ref in getattr(graph, "worker_task_refs", {}).items():
-            ready, _ = ray.wait([ref], timeout=0)
-            if not ready:
-                logger.warning("a stage's compiled-graph loop did not stop within %gs: killing it", TEARDOWN_S)
-                ray.kill(actor, no_restart=True)
+
+
+def _teardown_graph(graph: Any, kill: bool) -> None:
+    try:
+        graph.teardown(kill_actors=kill)
+    except Exception as e:  # noqa: BLE001 - a broken graph may fail to tear down; its actors are checked after
+        logger.warning("compiled graph teardown: %s", e)
 
 
 def _fetch(ref: Any) -> Any:
