@@ -39,6 +39,7 @@ class CompiledGraphTransport(InBandTransport):
         self._graph: Any = None  # the compiled graph, over the actors it was compiled for
         self._runs: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's step message
         self._snaps: dict[int, list[Any]] = {}  # m -> each stage's result ref of m's snapshot-only message
+        self._dropped: list[list[Any]] = []  # results forgotten while the graph was up (`_forget`)
         self.compiles = 0  # graphs compiled so far: one, plus one per recovery
         self._cap = 0  # executions in flight at most (set when compiled)
         # [Note: compiled graph on GPUs] Stages that each own a GPU hand their outputs on device to device:
@@ -113,7 +114,14 @@ class CompiledGraphTransport(InBandTransport):
     # -- lifetime ---------------------------------------------------------------------------------------
 
     def _forget(self) -> None:
-        self._runs.clear()  # dropping a result ref releases its buffer in the graph
+        # Dropping a result ref releases its buffer in the graph, which raises (and Ray prints, unraisable)
+        # once a lost stage has closed the channels: while a graph is up, the refs in flight are kept until
+        # it is torn down (a failed run's are forgotten before the recovery tears the graph down).
+        if self._graph is not None:
+            self._dropped += [*self._runs.values(), *self._snaps.values()]
+        else:
+            self._dropped.clear()
+        self._runs.clear()
         self._snaps.clear()
 
     def reset(self) -> None:
@@ -147,8 +155,9 @@ class CompiledGraphTransport(InBandTransport):
         try:
             tearing.start()
             tearing.join(CANCEL_S + TEARDOWN_S)
-            for actor, ref in getattr(graph, "worker_task_refs", {}).items():
-                if not kill and not ray.wait([ref], timeout=0)[0]:
+            loops = {} if kill else getattr(graph, "worker_task_refs", {})  # with `kill`, Ray kills them itself
+            for actor, ref in loops.items():
+                if not ray.wait([ref], timeout=0)[0]:
                     logger.warning("a stage's compiled-graph loop did not stop within %gs: killing it", TEARDOWN_S)
                     ray.kill(actor, no_restart=True)
             tearing.join(CANCEL_S + TEARDOWN_S)
@@ -157,9 +166,7 @@ class CompiledGraphTransport(InBandTransport):
         finally:
             ctx.teardown_timeout = saved
             quiet.setLevel(level)
-        # The results in flight are dropped after the teardown: a result of a live graph releases its buffer
-        # when dropped, which raises (and Ray prints, unraisable) once a lost stage has closed the channels.
-        self.abandon()
+        self.abandon()  # the graph is down: its results in flight, and those forgotten before, can go (`_forget`)
 
 
 def _teardown_graph(graph: Any, kill: bool) -> None:
