@@ -6,7 +6,8 @@ Barriers travel inside the graph ([Note: in-band barriers] in pipeline/engines/i
 A lost actor breaks the whole graph (its channels die with it): every result in flight fails, the graph
 is torn down, the dead actor is replaced in its bundle (pipeline/engines/placement.py), every stage restores
 the last complete checkpoint ([Note: recovery]) and the graph is compiled again over the new set of actors
-before the replay. A survivor whose graph loop does not stop within TEARDOWN_S is killed and replaced too.
+before the replay. A survivor whose graph loop has not stopped CANCEL_S + TEARDOWN_S after the teardown began
+is killed and replaced too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TEARDOWN_S = 5  # how long a survivor's graph loop may take to stop before it is killed and replaced
+TEARDOWN_S = 5  # how long Ray's teardown waits for each graph loop to stop (then the driver kills what has not)
 CANCEL_S = 30  # how long Ray's teardown waits for each stage to take its cancellation
 
 
@@ -126,8 +127,8 @@ class CompiledGraphTransport(InBandTransport):
 
     def reset(self) -> None:
         """Tear the graph down (a lost actor broke it, or its actors are being replaced); the next `begin`
-        compiles a new one. A stage whose graph loop does not stop within TEARDOWN_S is killed, so that
-        the replacement of dead actors (which follows) replaces it too."""
+        compiles a new one. A stage whose graph loop does not stop within CANCEL_S + TEARDOWN_S is killed,
+        so that the replacement of dead actors (which follows) replaces it too."""
         self._teardown(kill=False)
 
     def close(self) -> None:
@@ -158,7 +159,8 @@ class CompiledGraphTransport(InBandTransport):
             loops = {} if kill else getattr(graph, "worker_task_refs", {})  # with `kill`, Ray kills them itself
             for actor, ref in loops.items():
                 if not ray.wait([ref], timeout=0)[0]:
-                    logger.warning("a stage's compiled-graph loop did not stop within %gs: killing it", TEARDOWN_S)
+                    logger.warning("a stage's compiled-graph loop did not stop within %gs: killing it",
+                                   CANCEL_S + TEARDOWN_S)
                     ray.kill(actor, no_restart=True)
             tearing.join(CANCEL_S + TEARDOWN_S)
             if tearing.is_alive():
