@@ -149,6 +149,9 @@ def test_dead_stages_are_replaced_all_at_once(ray_local: str, data: str, tmp_pat
         old = list(actors.handles)
         for k in (0, 2):
             ray.kill(actors.handles[k])
+            with pytest.raises(ray.exceptions.RayActorError):  # ray.kill returns before the actor is gone
+                while True:
+                    ray.get(actors.handles[k].info.remote(), timeout=60)
         started: list[list[bool]] = []  # which stages had a new actor when the driver first waited for one
         first_answer = placement._first_answer
 
