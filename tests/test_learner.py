@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.stage import partition
-from workers.layers import normalise, parse_blocks
+from workers.layers import ConvBlock, normalise, parse_blocks
 from workers.learner import Learner, LearnerSpec, LearnerStack
 from workers.objectives import OBJECTIVES, get_objective
 
@@ -114,6 +114,21 @@ def test_a_gpu_learner_emits_into_host_memory_with_one_copy_and_the_same_bits() 
     b, _ = into.step(clips().cuda(), memory)
     assert b.device.type == "cpu" and b.data_ptr() == host.data_ptr()
     assert torch.equal(a.cpu(), b)
+
+
+def test_a_conv_block_computes_the_same_bits_from_either_layout() -> None:
+    # Its weight is channels-last (workers/layers.py), what it is given may be either: a block's output in
+    # the same process, or the default-layout copy a transport delivers. Both must be the same step.
+    block = ConvBlock(6, 8)
+    assert block.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(12, 6, 8, 8, generator=torch.Generator().manual_seed(2))
+    got = []
+    for given in (x, x.contiguous(memory_format=torch.channels_last)):
+        block.zero_grad(set_to_none=True)
+        y = block(given)
+        y.pow(2).sum().backward()
+        got.append((y.detach(), block.conv.weight.grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
 def test_end_to_end_learner_trains_every_block() -> None:

@@ -32,7 +32,11 @@ from workers.replicas import ReplicaGroup, free_port, share
 pytestmark = pytest.mark.timeout(240)
 
 TOLERANCE = 1e-4  # weights after a few Adam steps (lr 1e-3): a tenth of one step; gradients, not steps, differ
-GRAD_TOLERANCE = 1e-4  # of a tensor's largest gradient: a float32 sum in another order, at weights ~1e-7 apart
+GRAD_TOLERANCE = 1e-4  # of a tensor's largest gradient at the first step: a float32 sum in another order
+# ... and at later steps, which take gradients at weights already apart: an element whose first gradient was
+# rounding noise took an lr-sized Adam step (Adam scales every element to about lr) in its own direction in
+# each run. Measured up to 1.5e-4 (slow-var), against at most 1e-5 at the first step.
+LATER_GRAD_TOLERANCE = 1e-3
 NOISE = 1e-6  # a parameter whose gradient stays below this gets rounding noise only
 
 
@@ -88,7 +92,9 @@ def test_two_replicas_learn_what_the_loop_learns_with_every_objective() -> None:
             np.testing.assert_allclose(a, b, atol=TOLERANCE, err_msg=objective)
         for step, (ours, want) in enumerate(zip(grads0, grads, strict=True)):  # the whole batch's gradient
             for i, (g, w) in enumerate(zip(ours, want, strict=True)):
-                np.testing.assert_allclose(g, w, rtol=0, atol=GRAD_TOLERANCE * np.abs(w).max() + NOISE / 100, err_msg=f"{objective} step {step} param {i}")
+                tol = GRAD_TOLERANCE if step == 0 else LATER_GRAD_TOLERANCE
+                np.testing.assert_allclose(g, w, rtol=0, atol=tol * np.abs(w).max() + NOISE / 100,
+                                           err_msg=f"{objective} step {step} param {i}")
         for i, (w0, w) in enumerate(zip(weights0, weights, strict=True)):
             # A weight the loss is (nearly) blind to (slow-var to the head's output bias: a shift of every
             # embedding) gets only rounding noise as gradient, which Adam scales up to lr-sized steps:
