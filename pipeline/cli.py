@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
     be.add_argument("--transports", default="", help="the --transport values run side by side, comma-separated; "
                     "the first is the headline's (default: shm,object-store,direct,compiled-graph)")
-    be.add_argument("--repeats", type=int, default=0, help="interleaved repeats of the headline (default: 3 quick, 5 full)")
+    be.add_argument("--repeats", type=int, default=0, help="interleaved repeats of the headline (default: 5)")
     be.add_argument("--headline-only", action="store_true",
                     help="only the headline and the transports side by side (no balance, replicas, scaling, sources)")
 

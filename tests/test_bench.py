@@ -122,8 +122,8 @@ def test_bench_config_rejects_uneven_splits() -> None:
 
 
 def test_bench_flags_choose_the_transports_the_repeats_and_the_sections() -> None:
-    cfg = suite.bench_config(True, "object-store, shm", 5, headline_only=True)
-    assert cfg.pipeline_transports == ("object-store", "shm") and cfg.repeats == 5
+    cfg = suite.bench_config(True, "object-store, shm", 7, headline_only=True)
+    assert cfg.pipeline_transports == ("object-store", "shm") and cfg.repeats == 7
     assert (cfg.stages, cfg.scaling_clips, cfg.balance, cfg.replicas, cfg.sources) == ((2,), (16,), False, (), None)
     assert suite.bench_config(True) == suite.QUICK and suite.bench_config(False) == suite.FULL
     with pytest.raises(ConfigError, match="--transports: unknown \\['pigeon'\\]"):

@@ -98,7 +98,7 @@ class BenchConfig:
                              f"{self.steps}, {self.repeats})")
 
 
-QUICK = BenchConfig(warmup=3, steps=12, hop_rounds=15, sources=SOURCES_QUICK)
+QUICK = BenchConfig(warmup=3, steps=12, repeats=5, hop_rounds=15, sources=SOURCES_QUICK)
 FULL = BenchConfig(scaling_clips=(4, 16, 64), warmup=5, steps=40, repeats=5, hop_rounds=20, sources=SOURCES_FULL,
                    transports=TRANSPORTS)
 
