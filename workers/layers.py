@@ -18,7 +18,7 @@ class ConvBlock(nn.Module):
 
     The conv's weight is held channels-last, so the conv, the ReLU and the pool run on (N, H, W, C) data: on
     the cpu PyTorch's average pool, forward and backward, is several times faster on it than on the default
-    layout, and a step of the bench's first stage takes 0.82x the time (PERFLOG, 2026-11-30 M18). The block
+    layout, and a step of the bench's first stage takes 0.72x the time (PERFLOG, 2026-11-30 M18). The block
     takes either layout (the conv computes the same bits from both), so where a block's output travels
     through a transport in the default layout, the next block computes exactly what it would have
     computed in the same process."""
