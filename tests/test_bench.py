@@ -169,6 +169,18 @@ def test_the_replica_breakdown_times_alone_halves_and_replicas(capsys: pytest.Ca
     assert len(gathers) == 2 and all(v > 0 for v in gathers)  # both replicas spent time inside the gathers
 
 
+def test_the_layout_bench_times_every_stage_range_in_both_layouts_with_the_same_outputs() -> None:
+    from pipeline.bench import layout
+
+    cfg = suite.BenchConfig(layers="conv:4,conv:4,conv:4,mlp:8", size=16, clip_len=3)
+    rows = layout.run(cfg, rounds=1, steps=1, warmup=1)
+    ranges = {(0, 4), (0, 2), (2, 4), (0, 1), (1, 2), (2, 3), (3, 4)}  # every stage of S = 1, 2 and 4
+    assert {r["range"] for r in rows} == ranges and {r["clips"] for r in rows} == {4, 16}
+    assert all(r["ms"]["default"] > 0 and r["ms"]["channels-last"] > 0 for r in rows)
+    assert all(r["max_diff"] < 1e-4 for r in rows)  # rounding only: the same computation in either layout
+    assert layout.table(rows).count("\n") == len(rows) + 1
+
+
 def test_the_slack_bench_runs_pairs_with_and_without_giving_way(ray_local: str) -> None:
     from pipeline.bench import slack
 

@@ -25,32 +25,35 @@ import torch
 
 from pipeline.allocator import keep_freed_memory
 from pipeline.bench.suite import QUICK, BenchConfig, split
+from workers.layers import output_shapes
+from workers.learner import LearnerSpec, LearnerStack
 
 LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
 
 
-def _stack(cfg: BenchConfig, rng: tuple[int, int], layout: torch.memory_format):  # type: ignore[no-untyped-def]
+def _spec(cfg: BenchConfig) -> LearnerSpec:
     from pipeline.config import TrainConfig
     from pipeline.sources import open_source
-    from workers.learner import LearnerStack
 
     frames = open_source(cfg.data, cfg.size, cfg.clips, cfg.clip_len, 0).frame_shape  # the bench's frames
-    spec = TrainConfig(data=cfg.data, layers=cfg.layers, clip_len=cfg.clip_len, size=cfg.size).learner_spec(frames)
+    return TrainConfig(data=cfg.data, layers=cfg.layers, clip_len=cfg.clip_len, size=cfg.size).learner_spec(frames)
+
+
+def _stack(spec: LearnerSpec, rng: tuple[int, int], layout: torch.memory_format) -> LearnerStack:
     stack = LearnerStack.layer_local(spec, *rng)
     for learner in stack.learners:
         learner.blocks.to(memory_format=layout)  # type: ignore[call-overload]  # only 4-d weights take it
-    return stack, spec
+    return stack
 
 
-def _input(cfg: BenchConfig, spec, first: int, clips: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    from workers.layers import output_shapes
-
+def _input(cfg: BenchConfig, spec: LearnerSpec, first: int, clips: int) -> torch.Tensor:
     shape = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)][first]
     return torch.randn((clips, cfg.clip_len, *shape), generator=torch.Generator().manual_seed(first))
 
 
 def run(cfg: BenchConfig, rounds: int, steps: int, warmup: int = 4) -> list[dict]:
     keep_freed_memory()  # as the stages run (pipeline/allocator.py)
+    spec = _spec(cfg)
     n = len(cfg.layers.split(","))
     ranges = sorted({r for s in (1, 2, 4) for r in split(n, s)})
     rows = []
@@ -62,7 +65,7 @@ def run(cfg: BenchConfig, rounds: int, steps: int, warmup: int = 4) -> list[dict
                 outs = {}
                 for _ in range(rounds):
                     for name, layout in LAYOUTS.items():
-                        stack, spec = _stack(cfg, rng, layout)
+                        stack = _stack(spec, rng, layout)
                         x = _input(cfg, spec, rng[0], clips)
                         ts = []
                         for i in range(warmup + steps):
