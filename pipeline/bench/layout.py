@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.allocator import keep_freed_memory
+from pipeline.bench.measure import stage_input
 from pipeline.bench.suite import QUICK, BenchConfig, split
-from workers.layers import output_shapes
 from workers.learner import LearnerSpec, LearnerStack
 
 LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
@@ -46,16 +46,11 @@ def _stack(spec: LearnerSpec, rng: tuple[int, int], layout: torch.memory_format)
     return stack
 
 
-def _input(cfg: BenchConfig, spec: LearnerSpec, first: int, clips: int) -> torch.Tensor:
-    shape = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)][first]
-    return torch.randn((clips, cfg.clip_len, *shape), generator=torch.Generator().manual_seed(first))
-
-
 def run(cfg: BenchConfig, rounds: int, steps: int, warmup: int = 4) -> list[dict]:
     keep_freed_memory()  # as the stages run (pipeline/allocator.py)
     spec = _spec(cfg)
     n = len(cfg.layers.split(","))
-    ranges = sorted({r for s in (1, 2, 4) for r in split(n, s)})
+    ranges = sorted({r for s in cfg.stages for r in split(n, s)})
     rows = []
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
@@ -66,7 +61,7 @@ def run(cfg: BenchConfig, rounds: int, steps: int, warmup: int = 4) -> list[dict
                 for _ in range(rounds):
                     for name, layout in LAYOUTS.items():
                         stack = _stack(spec, rng, layout)
-                        x = _input(cfg, spec, rng[0], clips)
+                        x = stage_input(spec, rng[0], clips, cfg.clip_len)
                         ts = []
                         for i in range(warmup + steps):
                             t = time.perf_counter()

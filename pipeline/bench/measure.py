@@ -40,6 +40,16 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def stage_input(spec: Any, first: int, clips: int, clip_len: int) -> torch.Tensor:
+    """A micro-batch (clips, clip_len, ...) as the stage starting at layer `first` receives it: random values,
+    normalised as the layer below emits them, the same for a given `first`."""
+    from workers.layers import normalise, output_shapes
+
+    shape = [spec.in_shape, *output_shapes(spec.blocks, spec.in_shape)][first]
+    x = torch.randn(clips * clip_len, *shape, generator=torch.Generator().manual_seed(first))
+    return normalise(x).view(clips, clip_len, *shape)
+
+
 class StageProbe:
     """Times stage steps with no pipeline around them, one range of layers after another, and measures
     each one's peak memory. One torch thread per stage, as the stage actors run."""
@@ -54,7 +64,6 @@ class StageProbe:
 
     def measure(self, rng: Range, e2e: bool = False, warmup: int | None = None, steps: int | None = None,
                 ) -> dict[str, Any]:
-        from workers.layers import normalise, output_shapes
         from workers.learner import Learner, LearnerStack
 
         warmup = self.cfg.warmup if warmup is None else warmup
@@ -66,10 +75,7 @@ class StageProbe:
         learners = ([Learner(self.spec, first, last)] if e2e
                     else [Learner(self.spec, k, k + 1) for k in range(first, last)])
         stage = LearnerStack(learners)
-        shape = [self.spec.in_shape, *output_shapes(self.spec.blocks, self.spec.in_shape)][first]
-        gen = torch.Generator().manual_seed(first)
-        x = normalise(torch.randn(self.clips * self.cfg.clip_len, *shape, generator=gen))
-        x = x.view(self.clips, self.cfg.clip_len, *shape)
+        x = stage_input(self.spec, first, self.clips, self.cfg.clip_len)
         for _ in range(warmup):
             stage.step(x)
         _reset_peak()
