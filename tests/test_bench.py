@@ -66,6 +66,15 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert "pipeline efficiency" in table and "| 1 MB |" in table
 
 
+def test_a_stages_cpu_is_divided_by_the_steps_it_ran_inside_the_metered_window() -> None:
+    # A stage below the top runs ahead of it: its steps straddle the window's ends, or fall outside it.
+    from pipeline.bench.measure import _steps_within
+
+    steps = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (9.0, 9.0)]  # the last took no time: left out
+    assert _steps_within(steps, 0.5, 3.0) == pytest.approx(2.5)
+    assert _steps_within(steps, 4.0, 8.0) == 0.0
+
+
 def _measured(hop_x: float = 1.6, **head: Any) -> dict[str, Any]:
     """A bench result with only what the targets read: by default the committed quick run's figures."""
     h = {"stages": 2, "efficiency": 0.94, "bottleneck_busy_fraction": 1.0, "compute_slowdown": 1.06,

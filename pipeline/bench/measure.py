@@ -219,15 +219,19 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
     threads0: list[dict[int, tuple[float, float]]] = []
     step_cpu: list[tuple[float, float]] = []  # each stage's busiest thread (the one that steps): run, wait
     giving_way: dict[int, list[bool]] = {}  # per stage, whether each step gave way (pipeline/slack.py)
+    intervals: dict[int, list[tuple[float, float]]] = {}  # per stage, its steps' (start, end), time.time()
+    window: list[float] = []  # time.time() at the CPU meter's start and end
     pids = [int(i["pid"]) for i in pipe.actors.info]  # Stage.info(), bottom to top
     first, stop = start + warmup, start + warmup + steps + 1
 
     def on_step(m: int, reports: list[Any]) -> None:
         ends[m] = time.perf_counter()
         if m == first:
+            window.append(time.time())
             meter.start(pids)
             threads0.extend(meter.threads_of(p) for p in pids)
         if m == stop - 1:
+            window.append(time.time())
             stage_cpu.extend(meter.cpu_of(pids))
             for p, t0 in zip(pids, threads0, strict=True):
                 ran = {t: (r - t0[t][0], w - t0[t][1]) for t, (r, w) in meter.threads_of(p).items() if t in t0}
@@ -237,15 +241,26 @@ def pipeline_run(pipe: Any, sampler: Any, start: int, warmup: int, steps: int) -
             for r in reports:  # one StepReport per stage
                 busy.setdefault(r.stage, []).append(r.end - r.start)
                 giving_way.setdefault(r.stage, []).append(r.giving_way)
+                intervals.setdefault(r.stage, []).append((r.start, r.end))
 
     pipe.train(sampler, start, stop, on_step)
     rate = steps / (ends[stop - 1] - ends[first])
     busy_s = [statistics.mean(busy[k]) for k in sorted(busy)]
-    # CPU seconds per micro-batch of each stage process: its step and everything Ray does in it (argument
+    # CPU seconds per step of each stage process: its step and everything Ray does in it (argument
     # resolution, serialising the output into the object store, the call's RPCs), whoever else runs; and
     # of the process's busiest thread alone (the step's), so that a slower step tells itself apart from
-    # other threads of the process taking CPU; and how long that thread waited for a core.
+    # other threads of the process taking CPU; and how long that thread waited for a core. Per step that
+    # stage ran inside the metered window, not per micro-batch the top finished in it: a stage below the
+    # top runs ahead of it, so at the window's start it has already stepped on micro-batches the top has
+    # yet to finish, and at its end it waits for the top, idle (about one step fewer than 12, M19).
+    ran = [_steps_within(intervals[k], *window) or float("nan") for k in sorted(intervals)]
     return {"rate": rate, "busy_s": busy_s, "busy_fraction": [rate * b for b in busy_s], "cores": cores,
-            "cpu_per_mb_s": [c / steps for c in stage_cpu], "step_cpu_per_mb_s": [r / steps for r, _ in step_cpu],
-            "step_wait_per_mb_s": [w / steps for _, w in step_cpu],
+            "cpu_per_mb_s": [c / n for c, n in zip(stage_cpu, ran, strict=True)],
+            "step_cpu_per_mb_s": [r / n for (r, _), n in zip(step_cpu, ran, strict=True)],
+            "step_wait_per_mb_s": [w / n for (_, w), n in zip(step_cpu, ran, strict=True)],
             "giving_way": [statistics.mean(giving_way[k]) for k in sorted(giving_way)]}
+
+
+def _steps_within(intervals: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """How many of these steps ran between t0 and t1, a step partly inside counted by the part."""
+    return sum(max(0.0, min(e, t1) - max(s, t0)) / (e - s) for s, e in intervals if e > s)
