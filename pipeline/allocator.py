@@ -15,6 +15,12 @@ threshold. Whether a step's tensors leave a heap entirely free at its end depend
 in some runs the step took its activations' pages from the kernel again every time: 10 000-18 000 page
 faults and 1.3-1.5x its time, for the whole run (PERFLOG.md, M12). `WORKER_ENV` gives a stage's
 process one arena from its start, so every thread's allocations follow the thresholds above.
+
+`WORKER_ENV` also asks glibc (2.35 and later) to back the heap with transparent huge pages where the kernel
+gives them on request (`/sys/kernel/mm/transparent_hugepage/enabled`: madvise, a common default): a step's
+activations then span a few hundred 2 MiB pages rather than tens of thousands of 4 KiB ones, and the bench's
+first stage steps in 0.97x the time, alone and beside the second stage (`python -m pipeline.bench.hugepages`,
+PERFLOG.md M19). The cost is at most one huge page of memory per heap end.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ MMAP_THRESHOLD = 128 << 20  # blocks up to this size come from the heap, not fro
 TRIM_THRESHOLD = 1 << 30  # the heap's free top is returned to the kernel only beyond this
 # The environment of a process that steps layers (a Ray actor's runtime_env env_vars): read by glibc at
 # the process's start, ignored by other C libraries.
-WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1", **HUGE_PAGES}
 
 
 @functools.cache  # once per process

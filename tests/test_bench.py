@@ -190,6 +190,20 @@ def test_the_layout_bench_times_every_stage_range_in_both_layouts_with_the_same_
     assert layout.table(rows).count("\n") == len(rows) + 1
 
 
+def test_the_huge_pages_bench_steps_the_first_stage_in_fresh_processes_with_and_without() -> None:
+    import os
+
+    from pipeline.bench import hugepages
+
+    rows = hugepages.run(rounds=1, steps=5)
+    measured = rows[0]
+    assert set(measured) == set(hugepages.SETTINGS) and all(r["alone_ms"] > 0 for r in measured.values())
+    if len(os.sched_getaffinity(0)) > 1:
+        assert all(r["beside_ms"] > 0 for r in measured.values())
+        assert "beside the second stage:" in hugepages.table(rows)
+    assert "huge pages" in hugepages.SETTINGS and "GLIBC_TUNABLES" not in hugepages.SETTINGS["4 KiB pages"]
+
+
 def test_the_slack_bench_runs_pairs_with_and_without_giving_way(ray_local: str) -> None:
     from pipeline.bench import slack
 
