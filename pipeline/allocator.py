@@ -19,7 +19,7 @@ process one arena from its start, so every thread's allocations follow the thres
 `WORKER_ENV` also asks glibc (2.35 and later) to back the heap with transparent huge pages where the kernel
 gives them on request (`/sys/kernel/mm/transparent_hugepage/enabled`: madvise, a common default): a step's
 activations then span a few hundred 2 MiB pages rather than tens of thousands of 4 KiB ones, and the bench's
-first stage steps in 0.97x the time, alone and beside the second stage (`python -m pipeline.bench.hugepages`,
+first stage steps in 0.96x the time alone, 0.97x beside the second stage (`python -m pipeline.bench.hugepages`,
 PERFLOG.md M19). The cost is at most one huge page of memory per heap end.
 """
 
