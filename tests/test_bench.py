@@ -142,6 +142,7 @@ def test_bench_flags_choose_the_transports_the_repeats_and_the_sections() -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # the quick bench takes about 4 minutes here, the default limit is 300 s
 def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--quick", "--out", str(tmp_path)],
                          check=False, capture_output=True, text=True, timeout=600)
