@@ -39,14 +39,13 @@ def _step(core: int, first: int, last: int, steps: int) -> None:
     import torch
 
     from pipeline.allocator import keep_freed_memory
-    from pipeline.bench.layout import _spec
     from pipeline.bench.measure import stage_input
-    from pipeline.bench.suite import QUICK
+    from pipeline.bench.suite import QUICK, learner_spec
     from workers.learner import LearnerStack
 
     torch.set_num_threads(1)
     keep_freed_memory()  # as the stages run
-    spec = _spec(QUICK)
+    spec = learner_spec(QUICK)
     stack = LearnerStack.layer_local(spec, first, last)
     x = stage_input(spec, first, QUICK.clips, QUICK.clip_len)
     times, k = [], 0

@@ -25,18 +25,10 @@ import torch
 
 from pipeline.allocator import keep_freed_memory
 from pipeline.bench.measure import stage_input
-from pipeline.bench.suite import QUICK, BenchConfig, split
+from pipeline.bench.suite import QUICK, BenchConfig, learner_spec, split
 from workers.learner import LearnerSpec, LearnerStack
 
 LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
-
-
-def _spec(cfg: BenchConfig) -> LearnerSpec:
-    from pipeline.config import TrainConfig
-    from pipeline.sources import open_source
-
-    frames = open_source(cfg.data, cfg.size, cfg.clips, cfg.clip_len, 0).frame_shape  # the bench's frames
-    return TrainConfig(data=cfg.data, layers=cfg.layers, clip_len=cfg.clip_len, size=cfg.size).learner_spec(frames)
 
 
 def _stack(spec: LearnerSpec, rng: tuple[int, int], layout: torch.memory_format) -> LearnerStack:
@@ -48,7 +40,7 @@ def _stack(spec: LearnerSpec, rng: tuple[int, int], layout: torch.memory_format)
 
 def run(cfg: BenchConfig, rounds: int, steps: int, warmup: int = 4) -> list[dict]:
     keep_freed_memory()  # as the stages run (pipeline/allocator.py)
-    spec = _spec(cfg)
+    spec = learner_spec(cfg)
     n = len(cfg.layers.split(","))
     ranges = sorted({r for s in cfg.stages for r in split(n, s)})
     rows = []

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -56,6 +56,9 @@ from pipeline.bench.report import write
 from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
 from pipeline.bench.transport import SIZES, TRANSPORTS, HopRow, hop_costs
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from workers.learner import LearnerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,15 @@ class BenchConfig:
 QUICK = BenchConfig(warmup=3, steps=12, repeats=5, hop_rounds=15, sources=SOURCES_QUICK)
 FULL = BenchConfig(scaling_clips=(4, 16, 64), warmup=5, steps=40, repeats=5, hop_rounds=20, sources=SOURCES_FULL,
                    transports=TRANSPORTS)
+
+
+def learner_spec(cfg: BenchConfig) -> LearnerSpec:
+    """The bench's network as a learner spec, on the frames its data gives (for the benches of one step)."""
+    from pipeline.config import TrainConfig
+    from pipeline.sources import open_source
+
+    frames = open_source(cfg.data, cfg.size, cfg.clips, cfg.clip_len, 0).frame_shape
+    return TrainConfig(data=cfg.data, layers=cfg.layers, clip_len=cfg.clip_len, size=cfg.size).learner_spec(frames)
 
 
 def split(n_layers: int, stages: int) -> list[Range]:
