@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.checkpoints import Checkpoint, Ledger
+from pipeline.checkpoints import Checkpoint, CheckpointStore, Ledger
 from pipeline.config import TrainConfig
 from pipeline.engines.local import run_local
 from pipeline.engines.placement import NAMESPACE
@@ -98,10 +98,11 @@ class Recorder:
         return [[dataclasses.astuple(lr) for r in reports for lr in r.layers] for _, reports in self.calls]
 
 
-def piped_and_sequential(cfg: TrainConfig, resume_at: int = 0) -> tuple[list[dict], list[dict], Recorder, Recorder]:
+def piped_and_sequential(cfg: TrainConfig, resume_at: int = 0, store: CheckpointStore | None = None,
+                         ) -> tuple[list[dict], list[dict], Recorder, Recorder]:
     """The Ray pipeline's final states and the sequential loop's on the same micro-batches, with what each
     reported; resume_at > 0: the pipeline starts from the loop's state after `resume_at` micro-batches (a
-    resume)."""
+    resume); `store`: the pipeline writes barriers there and recovers a lost stage from them."""
     from pipeline.engines.ray_engine import run_ray
 
     spec, sampler = setup(cfg)
@@ -110,7 +111,7 @@ def piped_and_sequential(cfg: TrainConfig, resume_at: int = 0) -> tuple[list[dic
     if resume_at:
         half = sequential(dataclasses.replace(cfg, steps=resume_at), sampler)
         resume = Checkpoint(resume_at, half, [Ledger([[0, resume_at]]) for _ in half])
-    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume).states
+    piped = run_ray(cfg, spec, sampler, piped_calls, resume=resume, store=store).states
     return piped, sequential(cfg, sampler, ref_calls), piped_calls, ref_calls
 
 

@@ -92,11 +92,15 @@ VARIANTS = {  # (overrides, stages, resume at)
 @pytest.mark.parametrize("kind", [CG, DIRECT, SHM])
 @pytest.mark.parametrize("variant", [v if v != "mlp-top-depth-1" else pytest.param(v, marks=pytest.mark.slow)
                                      for v in VARIANTS])
-def test_every_transport_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, variant: str,
-                                                                kind: str) -> None:
+def test_every_transport_equals_the_sequential_loop_bit_for_bit(ray_local: str, data: str, tmp_path: Path,
+                                                                variant: str, kind: str) -> None:
     overrides, stages, resume_at = VARIANTS[variant]
     cfg = tiny_config(data, steps=10, transport=kind, **overrides)
-    piped, ref, piped_calls, ref_calls = piped_and_sequential(cfg, resume_at)
+    # Direct Transport: under load one of Ray's transfers can fail on its own (Ray gives up on it after 60 s;
+    # a CI run met it once, at this test). That is a lost stage to the driver, so this run keeps barriers and
+    # recovers, exactly once and bit for bit like any other loss, instead of stopping.
+    store = CheckpointStore(str(tmp_path / "ck")) if kind == DIRECT else None
+    piped, ref, piped_calls, ref_calls = piped_and_sequential(cfg, resume_at, store)
 
     assert {r.stage for _, reports in piped_calls.calls for r in reports} == set(range(stages))
     assert count_tensors(piped) == count_tensors(ref) > 3 * cfg.n_layers

@@ -125,11 +125,12 @@ class _StageActor(Stage):
         return y, report
 
     # The direct transport (pipeline/engines/transport.py) takes a step's output as a tensor that Ray sends
-    # to the stage above over the collective group, and the report in a second call right behind it.
+    # to the stage above over the collective group (the top stage: none), and the report in a second call
+    # right behind it: a step whose input never arrived never runs, and only that second call can say so.
 
-    def step_direct(self, m: int, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def step_direct(self, m: int, x: np.ndarray | torch.Tensor, emit: bool = True) -> torch.Tensor | None:
         try:
-            y, self._direct = self.step(m, x, True, as_tensor=True)
+            y, self._direct = self.step(m, x, emit, as_tensor=True)
         except Exception as e:
             self._direct = e
             raise

@@ -180,16 +180,16 @@ class DirectTransport(ObjectStoreTransport):
         return ("nccl", "nccl") if self.actors.gpus else ("torch_gloo", "gloo")
 
     def step(self, k: int, m: int, frames: np.ndarray | None) -> None:
-        h = self.actors.handles[k]
+        h, emit = self.actors.handles[k], k + 1 < len(self.actors)
         x = frames if k == 0 else self._outputs.pop((k - 1, m))
-        if k + 1 < len(self.actors):
-            try:
+        try:
+            if emit:
                 self._outputs[(k, m)] = h.step_direct.options(tensor_transport=self._backend()[1]).remote(m, x)
-            except ValueError as e:  # Ray dropped the actor from the group: it kills both ends of a failed transfer
-                raise StageLost(k, m, e, self.actors.names[k]) from e
-            self._pending[(k, m)] = h.take_report.remote(m)
-        else:
-            _, self._pending[(k, m)] = h.step.options(num_returns=2).remote(m, x, False)
+            else:
+                h.step_direct.remote(m, x, False)
+        except ValueError as e:  # Ray dropped the actor from the group: it kills both ends of a failed transfer
+            raise StageLost(k, m, e, self.actors.names[k]) from e
+        self._pending[(k, m)] = h.take_report.remote(m)
 
     def reset(self) -> None:
         """A stage was lost: the group is broken, and every stage actor is killed so that all are replaced.
