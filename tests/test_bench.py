@@ -49,6 +49,11 @@ def test_bench_measures_everything_side_by_side(ray_local: str, tmp_path: Path) 
     assert set(res["by_transport"]) == {"object-store", "direct", "compiled-graph", "shm"}
     assert all(v["rate"] > 0 and v["idle_cores"] >= 0 for v in res["by_transport"].values())
     assert "## Transports side by side" in table
+    # None lost a stage here; one that did says so under the table.
+    assert all(v["lost"] == [] for v in res["by_transport"].values()) and "lost a stage" not in table
+    direct = {**res["by_transport"]["direct"], "lost": ["stage 1 (x) lost on micro-batch 3: TransferLost"]}
+    rerun = report.write({**res, "by_transport": {**res["by_transport"], "direct": direct}}, tmp_path / "rerun")
+    assert "direct: 1 repeat(s) lost a stage and ran again on new stage actors (first: stage 1 (x)" in rerun
     # The whole network as one stage of 1 and of 2 replicas.
     assert [r["replicas"] for r in res["replicas"]["rows"]] == [1, 2]
     assert all(r["rate"] > 0 for r in res["replicas"]["rows"]) and res["replicas"]["rows"][0]["scaling_efficiency"] == 1
@@ -88,6 +93,31 @@ def _measured(hop_x: float = 1.6, **head: Any) -> dict[str, Any]:
 
 def _shortfalls(res: dict[str, Any]) -> dict[str, str]:
     return {target: why for target, _, met, why in report.targets(res) if not met}
+
+
+def test_a_run_that_loses_a_stage_runs_again_once_on_new_stage_actors(ray_local: str, tmp_path: Path) -> None:
+    # What a transfer Ray gave up on looks like to the bench: a stage gone in the middle of its run.
+    import contextlib
+
+    import ray
+
+    from pipeline.bench.measure import pipeline_run
+    from pipeline.engines.placement import StageActors
+    from pipeline.engines.ray_engine import RayPipeline
+    from tests.support import setup, tiny_config, tiny_npz
+
+    cfg = tiny_config(tiny_npz(tmp_path), transport="object-store")
+    spec, sampler = setup(cfg)
+    lost: list[str] = []
+    with contextlib.ExitStack() as stack:
+        def fresh() -> RayPipeline:
+            return RayPipeline(stack.enter_context(StageActors(cfg, spec)))
+
+        first = fresh()
+        ray.kill(first.actors.handles[1], no_restart=True)
+        pipe, got = suite.run_or_rerun(first, fresh, lost, lambda p: pipeline_run(p, sampler, 0, 1, 3))
+        assert pipe is not first and first.actors.handles == [] and got["rate"] > 0
+        assert len(lost) == 1 and "stage 1" in lost[0]
 
 
 def test_each_missed_target_names_where_its_shortfall_comes_from() -> None:

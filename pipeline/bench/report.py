@@ -119,6 +119,10 @@ def format_tables(res: dict[str, Any]) -> str:
                          f"{v['efficiency']:.2f} | {v['bottleneck_busy_fraction']:.2f} | "
                          f"{v['vs_sequential']['sequential 1t']:.2f}x | {v['vs_sequential'][f'sequential {cores}t']:.2f}x | "
                          f"{v.get('idle_cores', float('nan')):.2f} |")
+        for t, v in res["by_transport"].items():
+            if v.get("lost"):
+                lines.append(f"\n{t}: {len(v['lost'])} repeat(s) lost a stage and ran again on new stage actors "
+                             f"(first: {v['lost'][0]}).")
         best = max(res["by_transport"], key=lambda t: res["by_transport"][t]["rate"])
         lines.append(f"\nFastest in this run: {best}; `--transport auto` picks {AUTO['cpu']} on the cpu "
                      f"(pipeline/engines/transport.py says from which runs, and why).")

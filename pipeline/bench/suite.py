@@ -55,9 +55,10 @@ from pipeline.bench.measure import BOUND_ENV, Loop, StageProbe, actor, idle_core
 from pipeline.bench.report import write
 from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
 from pipeline.bench.transport import SIZES, TRANSPORTS, HopRow, hop_costs
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageLost
 
 if TYPE_CHECKING:
+    from pipeline.engines.ray_engine import RayPipeline
     from workers.learner import LearnerSpec
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,22 @@ def split(n_layers: int, stages: int) -> list[Range]:
 
 
 # -- the bench --------------------------------------------------------------------------------------------
+
+
+def run_or_rerun(pipe: RayPipeline, fresh: Callable[[], RayPipeline], lost: list[str],
+                 run: Callable[[RayPipeline], dict[str, Any]]) -> tuple[RayPipeline, dict[str, Any]]:
+    """run(pipe), or, when a stage is lost in it, run(fresh()) once on new stage actors, the loss appended to
+    `lost`: the pipeline and what the run measured. Under load one of Ray's Direct Transport transfers can fail
+    on its own (Ray gives up on it after 60 s); the driver sees a lost stage, and a bench without a checkpoint
+    store has nothing to recover from."""
+    try:
+        return pipe, run(pipe)
+    except StageLost as e:
+        lost.append(str(e))
+        logger.warning("%s; the run starts again on new stage actors", e)
+        pipe.actors.close()
+        pipe = fresh()
+        return pipe, run(pipe)
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -> dict[str, Any]:
@@ -191,9 +208,17 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     # One set of stage actors per transport, all alive, used in turn: as only one set runs at a time, each
     # reserves its share of a CPU per stage (the thread budget stays 1: pipeline/engines/actors.py).
     share = 1 / len(cfg.pipeline_transports)
+    lost: dict[str, list[str]] = {}  # transport -> why each repeat it ran again on new stage actors lost a stage
+
+    def fresh(t: str, within: contextlib.ExitStack) -> RayPipeline:
+        return RayPipeline(within.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
+
+    def measured(t: str, pipe: RayPipeline, within: contextlib.ExitStack, start: int) -> tuple[RayPipeline, dict]:
+        return run_or_rerun(pipe, lambda: fresh(t, within), lost.setdefault(t, []),
+                            lambda p: pipeline_run(p, sampler(b_head), start, cfg.warmup, cfg.steps))
+
     with contextlib.ExitStack() as stack:
-        pipes = {t: RayPipeline(stack.enter_context(StageActors(train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
-                 for t in cfg.pipeline_transports if t != "compiled-graph"}
+        pipes = {t: fresh(t, stack) for t in cfg.pipeline_transports if t != "compiled-graph"}
         for r in range(cfg.repeats):
             progress(f"headline S={s_head}, B={b_head}: repeat {r + 1}/{cfg.repeats}")
             alone = [ray.get(iso_probe.measure.remote(rng)) for rng in head_split]  # one after the other
@@ -204,9 +229,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
                     # An idle compiled graph's stage loops poll their channels, about a core each (the idle
                     # column): its actors are started for its run and killed after it, so that they take no
                     # CPU from the other transports' runs and the measurements in between.
-                    pipe = pipes[t] if t in pipes else RayPipeline(own.enter_context(StageActors(
-                        train_cfg(b_head, "ray", s_head, t, cpus=share), spec)))
-                    run["pipelines"][t] = pipeline_run(pipe, sampler(b_head), r * total, cfg.warmup, cfg.steps)
+                    pipe, run["pipelines"][t] = measured(t, pipes[t] if t in pipes else fresh(t, own),
+                                                         stack if t in pipes else own, r * total)
+                    if t in pipes:
+                        pipes[t] = pipe
                     if r + 1 == cfg.repeats:
                         idle[t] = idle_cores(pipe.actors)
             run["pipeline"] = run["pipelines"][cfg.pipeline_transports[0]]
@@ -216,7 +242,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
             runs.append(run)
     results["headline"] = _headline(runs, s_head, b_head, cfg.cores)
     results["by_transport"] = {t: {**_headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
-                                               cfg.cores), "idle_cores": idle[t]} for t in cfg.pipeline_transports}
+                                               cfg.cores), "idle_cores": idle[t], "lost": lost[t]}
+                               for t in cfg.pipeline_transports}
     # 2b. Balance: the headline's S by measured layer times (--balance auto) against the even split, with the
     # slowest / mean stage of each, and one pipeline run of the balanced split (its own actors, measured right
     # after the even split's last repeat).
