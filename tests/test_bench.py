@@ -5,6 +5,7 @@ The real quick bench (`lamina bench --quick`, a minute or two) is marked slow; t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
+from support import setup, tiny_config, tiny_npz
 
 from pipeline.bench import report, suite
+from pipeline.bench.measure import pipeline_run
 from pipeline.bench.transport import KB, MB
+from pipeline.engines.placement import StageActors
+from pipeline.engines.ray_engine import RayPipeline
 from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,15 +103,6 @@ def _shortfalls(res: dict[str, Any]) -> dict[str, str]:
 
 def test_a_run_that_loses_a_stage_runs_again_once_on_new_stage_actors(ray_local: str, tmp_path: Path) -> None:
     # What a transfer Ray gave up on looks like to the bench: a stage gone in the middle of its run.
-    import contextlib
-
-    import ray
-
-    from pipeline.bench.measure import pipeline_run
-    from pipeline.engines.placement import StageActors
-    from pipeline.engines.ray_engine import RayPipeline
-    from tests.support import setup, tiny_config, tiny_npz
-
     cfg = tiny_config(tiny_npz(tmp_path), transport="object-store")
     spec, sampler = setup(cfg)
     lost: list[str] = []
