@@ -3,8 +3,9 @@
     python -m pipeline.bench.driver [--stages 2,4,8] [--steps 150] [--transports object-store,shm,...]
 
 Every micro-batch costs the driver work per stage: the object-store transport submits one actor call and
-takes one report per stage (two RPCs' worth of Python and core-worker work); Direct Transport makes the
-same calls, and Ray's driver also orders each tensor's send and receive between the two stages; the
+takes one report per stage (two RPCs' worth of Python and core-worker work); Direct Transport makes two
+calls per stage (the step, and `take_report` behind it) and takes the report, and Ray's driver also orders
+each tensor's send and receive between the two stages; the
 compiled-graph transport writes one message into the graph and reads one result per stage from shared
 memory; the shm transport writes one message into stage 0's channel and reads one result per stage from a
 FIFO. The stages do almost nothing (a 4-unit MLP per layer on 4x4 frames).

@@ -205,8 +205,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     corun_probes = [iso_probe, *(actor(StageProbe)(cfg, spec, b_head, 1) for _ in head_split[1:])]
     runs: list[dict[str, Any]] = []
     idle: dict[str, float] = {}  # transport -> cores its stage actors use while waiting for work
-    # One set of stage actors per transport, all alive, used in turn: as only one set runs at a time, each
-    # reserves its share of a CPU per stage (the thread budget stays 1: pipeline/engines/actors.py).
+    # One set of stage actors per transport (the compiled graph's: started for each run, below), used in
+    # turn: as only one set runs at a time, each reserves its share of a CPU per stage (the thread budget
+    # stays 1: pipeline/engines/actors.py).
     share = 1 / len(cfg.pipeline_transports)
     lost: dict[str, list[str]] = {}  # transport -> why each repeat it ran again on new stage actors lost a stage
 

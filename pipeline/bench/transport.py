@@ -9,7 +9,7 @@ consumer actor holding a usable array (first line of its method), both read from
 machine, median over rounds after warm-up. Transports:
 
   numpy-ref     numpy array, the producer's output reference passed to the consumer's call (the engine's
-                choice: one copy into the object store, zero-copy read on the other side)
+                --transport object-store: one copy into the object store, zero-copy read on the other side)
   torch-ref     the same with a torch tensor: pickled by value, so copied in and copied out again
   queue         numpy array put by value on a ray.util.queue.Queue (itself an actor: the item is
                 deserialised and re-serialised inside it) and taken by the consumer

@@ -7,12 +7,14 @@ differ (pipeline/errors.py):
   - a `StageError`, raised by a stage's own code (a non-finite loss, a bad input), is deterministic: the
     same micro-batch would fail again. The run stops, naming stage and micro-batch.
   - a `StageLost` (`ray.kill`, its process killed, its node gone: Ray raises RayActorError, or an error in
-    the argument a dead stage never produced) is not the stage's doing. The driver replaces the dead actors
-    in their placement-group bundles, has every stage (survivors too: they are ahead) load its part of the
-    last complete checkpoint `s`, and replays the source from micro-batch s. A survivor's queued calls run
-    before its restore (submission order), so nothing from the rolled-back timeline survives the restore,
-    and the ledger saved with the state drops those applications as well. The source replays micro-batch m
-    exactly (pipeline/sources/source.py); on_step is not called again for micro-batches it has seen.
+    the argument a dead stage never produced; a replica of the stage gone; a Direct Transport input that
+    never arrived) is not the stage's doing. The driver replaces the dead actors in their placement-group
+    bundles (Direct Transport: every stage, the group broke), has every stage (survivors too: they are
+    ahead) load its part of the last complete checkpoint `s`, and replays the source from micro-batch s. A
+    survivor's queued calls run before its restore (submission order), so nothing from the rolled-back
+    timeline survives the restore, and the ledger saved with the state drops those applications as well.
+    The source replays micro-batch m exactly (pipeline/sources/source.py); on_step is not called again for
+    micro-batches it has seen.
 A loss that recurs with no progress in between (no newer complete checkpoint and no micro-batch seen for
 the first time) `MAX_RECOVERIES` times in a row stops the run with a `RecoveryError`.
 """

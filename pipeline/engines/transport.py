@@ -106,7 +106,7 @@ def make_transport(name: str, actors: StageActors) -> Transport:
 
 
 class ObjectStoreTransport:
-    """Plain actor calls, output references chained stage to stage (the module docstring's diagram)."""
+    """Plain actor calls, output references chained stage to stage (the module docstring's `object-store`)."""
 
     name = "object-store"
 
