@@ -3,7 +3,8 @@ local Ray of the test session's own.
 
 Other Ray instances may run on the machine (another test session, a `ray start` cluster): the tests' Ray
 is started with address="local", never joined by discovery, and every state-API call names its address
-(`ray_local`'s value).
+(`ray_local`'s value). A RAY_ADDRESS in the environment is dropped for the session, so that no `lamina`
+command a test starts joins the cluster it names; a test that needs one sets it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").r
 TEST_RAY_CPUS = 4  # logical CPUs of the test Ray: three 1-CPU stages fit on this 2-core machine
 
 _session_ray: dict[str, str] = {}  # the GCS address of the Ray this session started, while it runs
+os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(autouse=True)

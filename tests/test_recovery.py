@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import ray
 from ray.exceptions import GetTimeoutError
-from support import Recorder, run_actors, sequential, setup, state_differences, tiny_npz
+from support import Recorder, run_actors, sequential, setup, state_differences, tiny_npz, wait_until
 from support import small_config as small
 
 from pipeline.checkpoints import CheckpointStore
@@ -83,7 +83,7 @@ def test_a_killed_stage_is_recovered_exactly_once_and_bit_for_bit(ray_local: str
     assert final is not None and final.step == cfg.steps
     assert all(lg.exactly_once(cfg.steps) for lg in final.ledgers)
     assert len(store.steps()) <= cfg.keep_checkpoints
-    assert run_actors(pipe.actors.run_id) == []
+    assert wait_until(lambda: run_actors(pipe.actors.run_id) == [])  # ray.kill returns before the actor is gone
 
 
 class KillOnBatch:
