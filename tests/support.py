@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -25,7 +26,8 @@ from pipeline.config import TrainConfig
 from pipeline.engines.local import run_local
 from pipeline.engines.placement import NAMESPACE
 from pipeline.sources import ClipSampler, load_videos
-from pipeline.stage import StepReport
+from pipeline.stage import LayerReport, StepReport
+from pipeline.telemetry import gauges
 from workers.learner import LearnerSpec
 
 
@@ -260,3 +262,31 @@ def stop_processes_of(temp_dir: str) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def reports(m: int, stages: int = 2, value: float = 1.0) -> list[StepReport]:
+    """What `stages` stages report for micro-batch m, one layer each, every metric made up (`value` the loss)."""
+    return [StepReport(k, m, (LayerReport(k, value, 0.1, 0.2, 0.3, 0.9),), 10.0 + m, 10.5 + m, 2.0, 0.5)
+            for k in range(stages)]
+
+
+def lamina_gauges() -> dict[str, tuple[str, ...]]:
+    """Every gauge lamina sets, by its Prometheus name (`ray_lamina_<name>`), with its tag keys: read from
+    pipeline/telemetry/gauges.py by building a stage's and the driver's gauges on a stand-in for Ray's Gauge."""
+    made: dict[str, tuple[str, ...]] = {}
+
+    class Recording:
+        def __init__(self, name: str, description: str = "", tag_keys: tuple[str, ...] = ()) -> None:
+            made[name] = tuple(tag_keys)
+
+        def set_default_tags(self, tags: dict[str, str]) -> None:
+            pass
+
+        def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+            pass
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gauges, "Gauge", Recording)
+        gauges.StageGauges("run", 0)
+        gauges.DriverGauges("run")
+    return {f"ray_{name}": keys for name, keys in made.items()}

@@ -25,13 +25,14 @@ import pytest
 from support import (
     ensure_auth_token,
     free_ports,
+    lamina_gauges,
+    reports,
     sequential,
     setup,
     state_differences,
     stop_processes_of,
     tiny_npz,
 )
-from test_deploy import lamina_gauges
 
 from pipeline import storage
 from pipeline.checkpoints import CheckpointStore
@@ -118,8 +119,6 @@ def object_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_run_directory_in_object_storage_keeps_config_metrics_and_plot_there(object_store: Path) -> None:
-    from test_metrics import reports
-
     run = RunDir("obj://runs/a")
     assert run.remote and not run.path.is_relative_to(object_store)  # the scratch directory for control.json
     cfg = TrainConfig(run_dir="obj://runs/a")

@@ -22,13 +22,13 @@ import jsonschema
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
+from support import lamina_gauges
 
 from pipeline import storage
 from pipeline.config import TrainConfig
 from pipeline.flags import config_from_args
 from pipeline.rundir import checkpoint_location
 from pipeline.stage import partition
-from pipeline.telemetry import gauges
 from pipeline.telemetry.collapse import COLLAPSE_SPREAD
 
 if sys.version_info >= (3, 11):
@@ -46,28 +46,6 @@ STORAGE_KEY = "LAMINA_STORAGE"  # the key of the Secret `lamina-storage` the man
 
 
 # -- what the code says --------------------------------------------------------------------------------------
-
-
-def lamina_gauges() -> dict[str, tuple[str, ...]]:
-    """Every gauge lamina sets, by its Prometheus name (`ray_lamina_<name>`), with its tag keys: read from
-    pipeline/telemetry/gauges.py by building a stage's and the driver's gauges on a stand-in for Ray's Gauge."""
-    made: dict[str, tuple[str, ...]] = {}
-
-    class Recording:
-        def __init__(self, name: str, description: str = "", tag_keys: tuple[str, ...] = ()) -> None:
-            made[name] = tuple(tag_keys)
-
-        def set_default_tags(self, tags: dict[str, str]) -> None:
-            pass
-
-        def set(self, value: float, tags: dict[str, str] | None = None) -> None:
-            pass
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gauges, "Gauge", Recording)
-        gauges.StageGauges("run", 0)
-        gauges.DriverGauges("run")
-    return {f"ray_{name}": keys for name, keys in made.items()}
 
 
 def dockerfile_args() -> dict[str, str]:

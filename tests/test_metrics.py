@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import tiny_npz, wait_until
+from support import reports, tiny_npz, wait_until
 
 from pipeline.rundir import RunDir
-from pipeline.stage import LayerReport, StepReport
 from pipeline.telemetry import metrics_log
 from pipeline.telemetry.metrics_log import SCHEMA, MetricsLog, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def reports(m: int, stages: int = 2, value: float = 1.0) -> list[StepReport]:
-    return [StepReport(k, m, (LayerReport(k, value, 0.1, 0.2, 0.3, 0.9),), 10.0 + m, 10.5 + m, 2.0, 0.5)
-            for k in range(stages)]
 
 
 def test_rows_carry_every_column_typed(tmp_path: Path) -> None:
