@@ -77,11 +77,17 @@ print(statistics.median(faults[5:]))  # past the steps in which the one heap sti
 def test_a_step_in_a_thread_of_its_own_reuses_freed_memory_with_the_workers_environment() -> None:
     # A thread's own arena unmaps a heap that a step left entirely free, whatever the trim threshold: a
     # step whose temporaries outgrow one 64 MB heap faults them in again every time (PERFLOG M12; where
-    # they fall decides it, and at B = 32 they always spill). With WORKER_ENV, one arena.
+    # they fall decides it, and at B = 32 they nearly always spill). With WORKER_ENV, one arena.
     def faults(env: dict[str, str]) -> float:
         out = subprocess.run([sys.executable, "-c", IN_A_THREAD], capture_output=True, text=True, timeout=180,
                              check=True, env={k: v for k, v in os.environ.items() if k not in WORKER_ENV} | env)
         return float(out.stdout.split()[-1])
 
-    default, worker = faults({}), faults(WORKER_ENV)
-    assert default > 5000 and worker < 50, (default, worker)
+    worker = faults(WORKER_ENV)
+    # Without it, whether a step spills past one heap depends on where the thread's heaps fall: in one
+    # clean-clone run of many, none did and nothing faulted (2 faults per step). Up to three fresh processes
+    # show the unmapping; with WORKER_ENV, none may fault.
+    default = [faults({})]
+    while default[-1] <= 5000 and len(default) < 3:
+        default.append(faults({}))
+    assert max(default) > 5000 and worker < 50, (default, worker)
