@@ -40,9 +40,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,8 @@ import torch
 from pipeline.bench.measure import BOUND_ENV, Loop, StageProbe, actor, idle_cores, pipeline_run
 from pipeline.bench.report import write
 from pipeline.bench.sources import SOURCES_FULL, SOURCES_QUICK, SourceBenchConfig, run_sources
-from pipeline.bench.transport import SIZES, TRANSPORTS, HopRow, hop_costs
+from pipeline.bench.summary import headline, hop_dict, marginal
+from pipeline.bench.transport import SIZES, TRANSPORTS, hop_costs
 from pipeline.errors import ConfigError, StageLost
 
 if TYPE_CHECKING:
@@ -241,9 +241,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
                 [p.measure.remote(rng, False, 2, cfg.steps) for p, rng in zip(corun_probes, head_split, strict=True)])]
             run["baselines"] = baselines(b_head)
             runs.append(run)
-    results["headline"] = _headline(runs, s_head, b_head, cfg.cores)
-    results["by_transport"] = {t: {**_headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
-                                               cfg.cores), "idle_cores": idle[t], "lost": lost[t]}
+    results["headline"] = headline(runs, s_head, b_head, cfg.cores)
+    results["by_transport"] = {t: {**headline([{**r, "pipeline": r["pipelines"][t]} for r in runs], s_head, b_head,
+                                              cfg.cores), "idle_cores": idle[t], "lost": lost[t]}
                                for t in cfg.pipeline_transports}
     # 2b. Balance: the headline's S by measured layer times (--balance auto) against the even split, with the
     # slowest / mean stage of each, and one pipeline run of the balanced split (its own actors, measured right
@@ -321,68 +321,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = logger.info) -
     # 5. Per-hop transport against memcpy.
     progress("per-hop transport")
     hops = hop_costs(cfg.hop_sizes, cfg.hop_rounds, warmup=2, transports=cfg.transports)
-    results["hops"] = [_hop_dict(h) for h in hops]
-    results["hop_marginal"] = _marginal(hops)
+    results["hops"] = [hop_dict(h) for h in hops]
+    results["hop_marginal"] = marginal(hops)
     # 6. Source throughput against what the pipeline consumes ([Note: the source is not the bottleneck]).
     if cfg.sources is not None:
         results["sources"] = run_sources(cfg.sources, progress=progress)
     results["elapsed_s"] = time.perf_counter() - t_start
     return results
-
-
-def _headline(runs: list[dict[str, Any]], stages: int, clips: int, cores: int) -> dict[str, Any]:
-    """Medians over the repeats; every ratio is taken within a repeat first (its rate with its own isolation
-    times and CPU use), so that a drift of the machine between repeats cancels."""
-    med = statistics.median
-    rate = med(r["pipeline"]["rate"] for r in runs)
-    base = {k: med(r["baselines"][k] for r in runs) for k in runs[0]["baselines"]}
-    effs, slowdown, fraction, corun, avail_effs, cpu_ratio, step_ratio, others, waits = ([] for _ in range(9))
-    for r in runs:
-        p, t_iso = r["pipeline"], r["t_iso_s"]
-        b = max(range(stages), key=lambda k: p["busy_s"][k])  # the bottleneck in the pipeline
-        effs.append(p["rate"] * max(t_iso))
-        slowdown.append(p["busy_s"][b] / max(t_iso))
-        fraction.append(p["busy_fraction"][b])
-        corun.append(max(r["corun_s"]) / max(t_iso))
-        # What the cores other processes left allow: min(1 / max t, free cores / sum t).
-        free = max(0.05, cores - p["cores"].get("other", 0.0))
-        avail_effs.append(p["rate"] / min(1 / max(t_iso), free / sum(t_iso)))
-        # CPU time is what the stage spent, not what it waited for a core: the pipeline's own overhead.
-        k = max(range(stages), key=lambda j: r["cpu_iso_s"][j])
-        if p["cpu_per_mb_s"] and p["cpu_per_mb_s"][k] > 0:  # not NaN, not below the clock resolution
-            cpu_ratio.append(r["cpu_iso_s"][k] / p["cpu_per_mb_s"][k])
-        if p.get("step_cpu_per_mb_s") and p["step_cpu_per_mb_s"][k] > 0:  # the step's thread, and the rest
-            step_ratio.append(r["cpu_iso_s"][k] / p["step_cpu_per_mb_s"][k])
-            others.append(p["cpu_per_mb_s"][k] - p["step_cpu_per_mb_s"][k])
-            waits.append(p["step_wait_per_mb_s"][b])  # the bottleneck's step thread, runnable but not running
-    t_iso_med = [med(r["t_iso_s"][k] for r in runs) for k in range(stages)]
-    cpu = {k: med(r["pipeline"]["cores"][k] for r in runs) for k in runs[0]["pipeline"]["cores"]}
-    return {"stages": stages, "clips": clips, "rate": rate, "rates": [r["pipeline"]["rate"] for r in runs],
-            "t_iso_s": t_iso_med, "busy_s": [med(r["pipeline"]["busy_s"][k] for r in runs) for k in range(stages)],
-            "efficiency": med(effs), "efficiencies": effs, "compute_slowdown": med(slowdown),
-            "bottleneck_busy_fraction": med(fraction), "corun_slowdown": med(corun),
-            "efficiency_vs_free_cores": med(avail_effs), "baselines": base,
-            "cpu_efficiency": med(cpu_ratio) if cpu_ratio else float("nan"),
-            "step_cpu_efficiency": med(step_ratio) if step_ratio else float("nan"),
-            "other_threads_cpu_per_mb_s": med(others) if others else float("nan"),
-            "step_wait_per_mb_s": med(waits) if waits else float("nan"),
-            "vs_sequential": {k: rate / v for k, v in base.items() if k.startswith("sequential")},
-            "vs_e2e": {k: rate / v for k, v in base.items() if k.startswith("e2e")}, "cores": cpu}
-
-
-def _hop_dict(h: HopRow) -> dict[str, Any]:
-    return {"nbytes": h.nbytes, "ms": h.ms,
-            "vs_memcpy": {t: v / h.ms["memcpy"] for t, v in h.ms.items() if t != "memcpy"}}
-
-
-def _marginal(hops: Sequence[HopRow]) -> dict[str, float]:
-    """Per-byte cost between the two largest payloads, as a multiple of memcpy's: the bandwidth part of a
-    hop with its fixed latency (call dispatch, scheduling) taken out."""
-    if len(hops) < 2:
-        return {}
-    a, b = sorted(hops, key=lambda h: h.nbytes)[-2:]
-    copy = b.ms["memcpy"] - a.ms["memcpy"]
-    return {t: (b.ms[t] - a.ms[t]) / copy for t in b.ms if t != "memcpy" and copy > 0}
 
 
 def _machine() -> dict[str, Any]:
