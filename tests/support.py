@@ -32,12 +32,13 @@ from workers.learner import LearnerSpec
 
 
 def tiny_npz(directory: Path, sequences: int = 6, length: int = 8, size: int = 16, seed: int = 0) -> str:
-    """A sequence archive of random uint8 frames; returns the `npz:` data spec for it."""
+    """A sequence archive of random uint8 frames, two sequences per label (a probe split by sequences then
+    has labels on both sides); returns the `npz:` data spec for it."""
     rng = np.random.default_rng(seed)
     path = directory / f"tiny-{sequences}x{length}x{size}.npz"
     if not path.exists():
         np.savez(path, frames=rng.integers(0, 256, (sequences, length, size, size), dtype=np.uint8),
-                 labels=np.arange(sequences))
+                 labels=np.arange(sequences) % max(1, sequences // 2))
     return f"npz:{path}"
 
 

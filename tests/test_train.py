@@ -91,6 +91,16 @@ def test_split_by_views_and_by_fraction(seq_npz: str) -> None:
         make_split(videos, None, 1.5)
 
 
+def test_a_split_that_labels_none_of_the_tested_classes_is_refused(tmp_path: Path) -> None:
+    """One sequence per label split by sequences: the probe would score 0 % whatever it learned."""
+    path = tmp_path / "one-per-label.npz"
+    np.savez(path, frames=np.zeros((4, 6, 8, 8), np.uint8), labels=np.arange(4))
+    videos = load_videos(f"npz:{path}", 8)
+    with pytest.raises(ConfigError, match="labels none of the classes it tests on.*--probe-views"):
+        make_split(videos, None, 0.5)
+    assert make_split(videos, (0, 3), None).test.sum() == 16  # views label every sequence: fine
+
+
 def test_config_errors_name_the_flag() -> None:
     for kwargs, flag in [({"queue_depth": 0}, "--queue-depth"), ({"steps": 0}, "--steps"),
                          ({"deltas": (0.1,)}, "--deltas"), ({"objective": "x"}, "--objective"),

@@ -69,7 +69,21 @@ def make_split(videos: Videos, views: tuple[int, ...] | None, fraction: float | 
         chosen = torch.from_numpy(np.random.default_rng(seed).permutation(n)[:k])
         train[chosen] = True
         name = f"fraction {fraction} of sequences ({k}/{n})"
+    _check_classes(videos, train, name)
     return Split(train, ~train, name)
+
+
+def _check_classes(videos: Videos, train: Tensor, name: str) -> None:
+    """A probe can only name classes it was shown: refuse a split whose test frames' labels are none of them
+    (one sequence per label split by sequences, say), and warn of test frames whose label it never labelled."""
+    unseen = ~torch.isin(videos.labels[~train], videos.labels[train].unique())
+    if unseen.all():
+        raise ConfigError(f"the probe's split of {videos.name} ({name}) labels none of the classes it tests on "
+                          f"(are there sequences of every label on both sides?): give --probe-views I,J,... to "
+                          f"label those frames of every sequence")
+    if unseen.any():
+        logger.warning("%d of the probe's %d test frames have a label the split (%s) never labelled: they count "
+                       "as misses", int(unseen.sum()), unseen.numel(), name)
 
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, tuple[int, int, int], Checkpoint]:
