@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.errors import ConfigError, LaminaError
-from pipeline.flags import add_flags, arg_type, config_from_args, given_settings
+from pipeline.flags import add_flags, arg_type, config_from_args, given_settings, train_fields
 
 PROBE_FRACTION = 0.5  # the probe's split when none is given: half of the sequences labelled
 STUDY_FLAGS = ("data", "steps", "seed", "engine", "loss_grid", "deltas")  # what a study's variants share
@@ -76,13 +76,14 @@ def parser() -> argparse.ArgumentParser:
                     "(default: 1)")
 
     be = sub.add_parser("bench", help="pipeline efficiency, speed-up, transport and memory, side by side")
-    be.add_argument("--quick", action="store_true", help="a run of a minute or two (default: the full bench)")
+    be.add_argument("--quick", action="store_true", help="a run of about 4 minutes on 2 cores (default: the full bench)")
     be.add_argument("--out", default="", help="output directory (default runs/bench-<time>)")
     be.add_argument("--transports", default="", help="the --transport values run side by side, comma-separated; "
                     "the first is the headline's (default: shm,object-store,direct,compiled-graph)")
     be.add_argument("--repeats", type=int, default=0, help="interleaved repeats of the headline (default: 5)")
     be.add_argument("--headline-only", action="store_true",
-                    help="only the headline and the transports side by side (no balance, replicas, scaling, sources)")
+                    help="the headline, the transports side by side, per-hop and peak memory: no balance, replicas or "
+                    "sources, and of the scaling table the headline's row only")
 
     pp = sub.add_parser("prepare", help="video files, folders of them and image-sequence folders -> a Parquet "
                         "dataset for --data parquet:DIR (in parallel on Ray, resumable)")
@@ -106,13 +107,15 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--address", default=None, metavar="HOST:PORT",
                     help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray for this command)")
     _add_ingest(sub)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # main's errors name the command
     return p
 
 
 def _add_ingest(sub: Any) -> None:
     """`lamina serve` (train on a live gRPC ingest) and `lamina push` (its client); pipeline/ingest/."""
     sv = sub.add_parser("serve", help="train the pipeline on live streams pushed over gRPC (proto/lamina/v1/)")
-    add_flags(sv)
+    add_flags(sv, [f.name for f in train_fields() if f.name != "data"])  # the data is what is pushed
     sv.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue a serve run from its last complete checkpoint: the micro-batches its log holds "
                          "beyond it are replayed first, then new frames are taken")
@@ -155,7 +158,9 @@ def _add_ingest(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(_negatives_attached(argv))
+    args, unknown = p.parse_known_args(_negatives_attached(argv))
+    if unknown:  # refused by the command's own parser, which names the command, as a bad choice is
+        getattr(args, "command_parser", p).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.command_line = shlex.join(["lamina", *argv])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

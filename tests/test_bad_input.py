@@ -66,6 +66,8 @@ CASES = [
     ("probe-bad-view", ["probe", "--run-dir", "{run}", "--probe-views", "0,99"], 2, ["--probe-views", "[0, 10)"]),
     ("probe-one-sequence", ["probe", "--run-dir", "{run}", "--data", "npz:{one}", "--probe-fraction", "0.5"], 2,
      ["needs at least 2 sequences"]),
+    ("probe-classes-on-one-side", ["probe", "--run-dir", "{run}", "--data", "npz:{per_label}"], 2,
+     ["labels none of the classes it tests on", "--probe-views"]),
     ("probe-other-frames", ["probe", "--run-dir", "{run}", "--data", "npz:{rgb}"], 2,
      ["(3, 8, 8) do not match the run's (1, 8, 8)"]),
     ("probe-no-checkpoint", ["probe", "--run-dir", "{empty_run}"], 1, ["no complete checkpoint"]),
@@ -90,6 +92,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "one.npz", frames=rng.integers(0, 256, (1, 10, 8, 8), dtype=np.uint8), labels=np.zeros(1, int))
     np.savez_compressed(root / "big.npz", frames=np.zeros((40, 50, 64, 64), np.uint8), labels=np.arange(40))
     np.savez(root / "rgb.npz", frames=rng.integers(0, 256, (6, 10, 8, 8, 3), dtype=np.uint8), labels=np.arange(6))
+    np.savez(root / "per_label.npz", frames=rng.integers(0, 256, (6, 10, 8, 8), dtype=np.uint8), labels=np.arange(6))
     run = root / "run"
     assert main(["train", "--data", f"npz:{root / 'tiny.npz'}", "--steps", "4", "--run-dir", str(run), *TINY]) == 0
     empty = root / "empty_run"
@@ -106,8 +109,24 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dead_pid = _dead_pid()
     (stale / "control.json").write_text(json.dumps({"address": "127.0.0.1:1", "token": "x", "pid": dead_pid}))
     return {"run": run, "npz": root / "tiny.npz", "one": root / "one.npz", "rgb": root / "rgb.npz", "big": root / "big.npz",
+            "per_label": root / "per_label.npz",
             "empty_run": empty, "bad_config": bad,
             "broken_config": broken, "stale": stale}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["serve", "--data", "npz:x.npz"], "unrecognized arguments: --data npz:x.npz"),  # the data is what is pushed
+    (["probe", "--run-dir", "x", "--objective", "vicreg"], "unrecognized arguments: --objective vicreg"),
+    (["train", "--objective", "nope"], "argument --objective: invalid choice: 'nope'"),
+], ids=["unknown-flag", "serve-data", "train-flag-on-probe", "bad-choice"])
+def test_a_flag_argparse_refuses_ends_in_a_line_naming_the_command(argv: list[str], message: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lamina {argv[0]}: error: {message}"), last
 
 
 def _dead_pid() -> int:

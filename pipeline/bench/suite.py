@@ -337,7 +337,8 @@ def _machine() -> dict[str, Any]:
 
 def bench_config(quick: bool, transports: str = "", repeats: int = 0, headline_only: bool = False) -> BenchConfig:
     """The quick or full bench, with the transports side by side and the repeats given (empty, 0: the mode's
-    own); `headline_only` leaves out the balance, replicas, scaling and sources sections."""
+    own); `headline_only` leaves out the balance, replicas and sources sections and
+    keeps the scaling table's headline row only."""
     from pipeline.engines.transport import TRANSPORTS as ENGINE
 
     cfg = QUICK if quick else FULL
