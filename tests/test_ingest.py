@@ -341,6 +341,26 @@ def test_oversized_busy_and_disconnected_calls_leave_the_others_going(client: An
     assert "e" not in ingest.server.streams  # the oversized frame changed nothing
 
 
+def test_a_call_still_pushing_when_the_run_ends_is_told_so(client: Any, tmp_path: Path) -> None:
+    """Not an OK reply (the client would take its remaining frames for delivered) and not gRPC's bare
+    cancellation at the end of the server's grace: UNAVAILABLE, with what was taken and where to go on."""
+    pb, _ = client
+    ingest = start_ingest(config(tmp_path), buffer_clips=2)  # nothing consumes: the call soon waits on the buffer
+    s = stub(client, ingest.server.address)
+    call = s.Push.future(stream_frames(pb, "a", 10_000, seed=5), metadata=AUTH)
+    try:
+        assert _until(lambda: ingest.stats.frames_in >= 4)
+    finally:
+        ingest.stop()
+    with pytest.raises(grpc.RpcError) as ended:
+        call.result(timeout=30)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+    taken = ingest.stats.frames_in
+    assert f"the serve run is ending (its --steps reached, or stopped): {taken} frames of this call were taken" \
+        in ended.value.details(), ended.value.details()
+    assert "'a' at frame" in ended.value.details()
+
+
 def _until(predicate: Any, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not predicate():

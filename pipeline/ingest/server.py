@@ -94,8 +94,12 @@ class IngestServer:
 
         with self.stats.lock:
             self.stats.active_calls += 1
+        ending = False  # the run ended while this call was pushing: it is told so (below)
         try:
             for frame in frames:
+                if self._stopping.is_set():
+                    ending = True
+                    break
                 self._frame(frame, call, owned, reply, summaries, cancelled)
         except Exception:  # the request iterator raises when the client goes away
             if context.is_active():
@@ -115,6 +119,11 @@ class IngestServer:
                 self.stats.active_calls -= 1
         reply.streams.extend(summaries.values())
         reply.dropped_frames = self.buffer.dropped_frames
+        if ending:  # not OK: the client must not take its remaining frames for delivered
+            where = ", ".join(f"{s.stream!r} at frame {s.next_index}" for s in reply.streams)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the serve run is ending (its --steps reached, or stopped): "
+                                                       f"{reply.accepted} frames of this call were taken, no more "
+                                                       f"(streams continue: {where or 'none'})")
         for s in reply.streams:
             if s.pending:
                 logger.info("ingest: stream %r stopped mid-clip: %d frames wait for the rest of their clip "
