@@ -181,6 +181,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, every: floa
     return predicate()
 
 
+def kill_and_wait(handle: Any) -> None:
+    """Kill an actor and return once it is gone (ray.kill returns before it is): a call then fails."""
+    ray.kill(handle)
+    with pytest.raises(ray.exceptions.RayActorError):
+        while True:
+            ray.get(handle.info.remote(), timeout=60)
+
+
 def ensure_auth_token() -> None:
     """Make sure a Ray token exists for token authentication (what `ray start` expects to find)."""
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):

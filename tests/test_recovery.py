@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 import ray
 from ray.exceptions import GetTimeoutError
-from support import Recorder, run_actors, sequential, setup, state_differences, tiny_npz, wait_until
+from support import (
+    Recorder,
+    kill_and_wait,
+    run_actors,
+    sequential,
+    setup,
+    state_differences,
+    tiny_npz,
+    wait_until,
+)
 from support import small_config as small
 
 from pipeline.checkpoints import CheckpointStore
@@ -129,7 +138,7 @@ def test_a_replacement_that_never_starts_is_a_lost_stage_not_a_driver_waiting_fo
     cfg = small(data, tmp_path, steps=4)
     spec, _ = setup(cfg)
     with StageActors(cfg, spec) as actors:
-        ray.kill(actors.handles[1])
+        kill_and_wait(actors.handles[1])  # else it may still answer, and nothing is replaced
         monkeypatch.setattr(placement, "START_TIMEOUT_S", 2.0)
         monkeypatch.setattr(actors, "_spawn", lambda k: ray.remote(resources={"nowhere": 1})(_NeverPlaced).remote())
         with pytest.raises(StageLost) as info:
@@ -148,10 +157,7 @@ def test_dead_stages_are_replaced_all_at_once(ray_local: str, data: str, tmp_pat
     with StageActors(cfg, spec) as actors:
         old = list(actors.handles)
         for k in (0, 2):
-            ray.kill(actors.handles[k])
-            with pytest.raises(ray.exceptions.RayActorError):  # ray.kill returns before the actor is gone
-                while True:
-                    ray.get(actors.handles[k].info.remote(), timeout=60)
+            kill_and_wait(actors.handles[k])
         started: list[list[bool]] = []  # which stages had a new actor when the driver first waited for one
         first_answer = placement._first_answer
 
